@@ -1,0 +1,203 @@
+"""Subspace math for gradient projection: bases, sides, project and project back.
+
+Pure functions, no optax and no state. Every function takes matrices in the canonical layout
+``(..., in, out)`` (a Flax kernel); leading axes are batch axes and every matrix in the batch
+gets its own basis (``jnp.linalg`` and ``@`` broadcast over them, so no ``vmap`` is needed).
+
+A basis for the *in* axis is ``B_in: (..., in, r)`` with orthonormal columns, and likewise
+``B_out: (..., out, r)``. With ``G`` the canonical gradient:
+
+==========  ========================  ======================
+side        project(G)                project_back(N)
+==========  ========================  ======================
+``"in"``    ``B_inᵀ G``   (r, out)    ``B_in N``
+``"out"``   ``G B_out``   (in, r)     ``N B_outᵀ``
+``"both"``  ``B_inᵀ G B_out`` (r, r)  ``B_in N B_outᵀ``
+==========  ========================  ======================
+
+For a PyTorch weight ``W: (out, in)`` (GaLore's ``m x n``), compressing the *in* axis is
+galore-torch's ``right`` projector (``Q = Vh[:r]``) and compressing the *out* axis is its
+``left`` projector (``P = U[:, :r]``), so results match galore-torch on the transposed weight.
+
+References:
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", 2024.
+  Halko, Martinsson, Tropp, "Finding structure with randomness", SIAM Review 2011.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "BASIS_KINDS",
+    "PROJ_TYPES",
+    "Projector",
+    "choose_side",
+    "compute_projector",
+    "identity_projector",
+    "lowrank_shape",
+    "project",
+    "project_back",
+    "random_basis",
+    "randomized_svd",
+    "svd_basis",
+]
+
+Side = Literal["in", "out", "both"]
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+BASIS_KINDS = ("svd", "randomized", "random")
+
+
+class Projector(NamedTuple):
+    """Orthonormal bases of one (batched) matrix; ``None`` for an axis that is not compressed."""
+
+    in_basis: jax.Array | None  # (..., in, r)
+    out_basis: jax.Array | None  # (..., out, r)
+
+
+def choose_side(proj_type: str, n_in: int, n_out: int) -> Side:
+    """Which axis galore-torch's ``proj_type`` compresses, stated on the in/out axes.
+
+    ``std`` compresses the smaller axis (the *in* axis of a square matrix, as galore-torch does
+    for ``m == n``); ``reverse_std`` the larger (the *out* axis of a square matrix); ``right``
+    always the in axis; ``left`` always the out axis; ``full`` both.
+    """
+    if proj_type == "std":
+        return "in" if n_out >= n_in else "out"
+    if proj_type == "reverse_std":
+        return "out" if n_out >= n_in else "in"
+    if proj_type == "right":
+        return "in"
+    if proj_type == "left":
+        return "out"
+    if proj_type == "full":
+        return "both"
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}.")
+
+
+def lowrank_shape(shape: tuple[int, ...], side: Side, rank: int) -> tuple[int, ...]:
+    """The shape of ``project(G)`` for a canonical ``(..., in, out)`` shape."""
+    *batch, n_in, n_out = shape
+    return {
+        "in": (*batch, rank, n_out),
+        "out": (*batch, n_in, rank),
+        "both": (*batch, rank, rank),
+    }[side]
+
+
+def _t(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def project(g: jax.Array, proj: Projector) -> jax.Array:
+    """Projects a canonical ``(..., in, out)`` matrix into the low-rank space."""
+    if proj.in_basis is not None:
+        g = _t(proj.in_basis).astype(g.dtype) @ g
+    if proj.out_basis is not None:
+        g = g @ proj.out_basis.astype(g.dtype)
+    return g
+
+
+def project_back(n: jax.Array, proj: Projector) -> jax.Array:
+    """Maps a low-rank matrix back to the full ``(..., in, out)`` space (no scale)."""
+    if proj.in_basis is not None:
+        n = proj.in_basis.astype(n.dtype) @ n
+    if proj.out_basis is not None:
+        n = n @ _t(proj.out_basis).astype(n.dtype)
+    return n
+
+
+def svd_basis(g: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Top-``rank`` left and right singular vectors of ``g`` by an exact float32 SVD.
+
+    Returns ``(U[..., :, :rank], V[..., :, :rank])``: ``U`` spans the in axis, ``V`` the out axis.
+    """
+    u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+    return u[..., :rank], _t(vh[..., :rank, :])
+
+
+def randomized_svd(
+    g: jax.Array,
+    rank: int,
+    key: jax.Array,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> tuple[jax.Array, jax.Array]:
+    """Top-``rank`` singular vectors by a randomized range finder (Halko et al., Alg. 4.4).
+
+    ``Y = G Ω``, ``power_iters`` rounds of ``Y = G (Gᵀ Y)`` re-orthonormalised by QR, then the
+    exact SVD of the small ``(rank + oversample) x out`` matrix ``Qᵀ G``. Every operation on a
+    full-size operand is a matmul, so a sharded gradient is never gathered; the QR and the
+    small SVD act on ``in x k`` and ``k x out`` matrices with ``k = rank + oversample``.
+    """
+    g = g.astype(jnp.float32)
+    *batch, n_in, n_out = g.shape
+    k = min(rank + oversample, n_in, n_out)
+    omega = jax.random.normal(key, (*batch, n_out, k), jnp.float32)
+    q, _ = jnp.linalg.qr(g @ omega)
+    for _ in range(power_iters):
+        z, _ = jnp.linalg.qr(_t(g) @ q)
+        q, _ = jnp.linalg.qr(g @ z)
+    u_small, _, vh = jnp.linalg.svd(_t(q) @ g, full_matrices=False)
+    return (q @ u_small)[..., :rank], _t(vh[..., :rank, :])
+
+
+def random_basis(shape: tuple[int, ...], rank: int, key: jax.Array) -> jax.Array:
+    """A seeded random ``(..., dim, rank)`` basis with orthonormal columns (no SVD)."""
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (*shape[:-1], shape[-1], rank), jnp.float32))
+    return q
+
+
+def compute_projector(
+    g: jax.Array,
+    side: Side,
+    rank: int,
+    basis: str,
+    key: jax.Array | None = None,
+    dtype: jnp.dtype | None = None,
+) -> Projector:
+    """A new projector for canonical gradient ``g: (..., in, out)``, computed in float32.
+
+    Args:
+      g: the gradient (any float dtype; upcast to float32 for the decomposition).
+      side: ``"in"``, ``"out"`` or ``"both"`` (see :func:`choose_side`).
+      rank: number of basis vectors kept (``<= min(in, out)``).
+      basis: ``"svd"`` (exact), ``"randomized"`` (range finder) or ``"random"`` (Gaussian, QR).
+      key: PRNG key for ``"randomized"`` and ``"random"``.
+      dtype: dtype of the stored bases (default: ``g.dtype``, as galore-torch does).
+    """
+    dtype = g.dtype if dtype is None else dtype
+    if basis == "svd":
+        u, v = svd_basis(g, rank)
+    elif basis == "randomized":
+        u, v = randomized_svd(g, rank, key)
+    elif basis == "random":
+        key_in, key_out = jax.random.split(key)
+        *batch, n_in, n_out = g.shape
+        u = random_basis((*batch, n_in), rank, key_in) if side != "out" else None
+        v = random_basis((*batch, n_out), rank, key_out) if side != "in" else None
+    else:
+        raise ValueError(f"basis must be one of {BASIS_KINDS}, got {basis!r}.")
+    return Projector(
+        in_basis=u.astype(dtype) if side != "out" else None,
+        out_basis=v.astype(dtype) if side != "in" else None,
+    )
+
+
+def identity_projector(
+    shape: tuple[int, ...], side: Side, rank: int, dtype: jnp.dtype
+) -> Projector:
+    """The first ``rank`` coordinate axes: a valid orthonormal projector before any gradient."""
+    *batch, n_in, n_out = shape
+
+    def eye(dim: int) -> jax.Array:
+        return jnp.broadcast_to(jnp.eye(dim, rank, dtype=dtype), (*batch, dim, rank))
+
+    return Projector(
+        in_basis=eye(n_in) if side != "out" else None,
+        out_basis=eye(n_out) if side != "in" else None,
+    )

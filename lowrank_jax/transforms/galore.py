@@ -1,0 +1,149 @@
+"""GaLore: gradient low-rank projection around any optax transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from lowrank_jax import projection
+from lowrank_jax.targets import Targets
+from lowrank_jax.transforms._common import safe_increment
+from lowrank_jax.transforms._lowrank import ProjectedCore
+
+__all__ = ["GaLoreState", "galore"]
+
+
+class GaLoreState(NamedTuple):
+    """State of :func:`galore`.
+
+    Attributes:
+      count: number of updates applied so far (``int32``); refreshes happen when
+        ``count % update_proj_gap == 0``.
+      key: ``uint32[2]`` key data for the randomized and random bases.
+      projectors: a :class:`~lowrank_jax.projection.Projector` per targeted leaf
+        (``optax.MaskedNode()`` elsewhere). Bases are ``(..., dim, r)``.
+      lowrank_state: the inner transformation's state over the projected gradients.
+      fullrank_state: the inner transformation's state over the untargeted leaves.
+    """
+
+    count: jax.Array
+    key: jax.Array
+    projectors: Any
+    lowrank_state: Any
+    fullrank_state: Any
+
+
+def galore(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    basis: str = "svd",
+    targets: Targets = None,
+    dims: Any = None,
+    on_refresh: str = "keep",
+    projector_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Runs ``inner`` on low-rank projections of the targeted gradients (GaLore).
+
+    For a targeted matrix with gradient :math:`G` and projector :math:`P` (refreshed from the
+    current gradient at steps :math:`0, T, 2T, \dots`):
+
+    .. math::
+        R_t = P^\top G_t, \qquad N_t = \mathrm{inner}(R_t), \qquad
+        \Delta W_t = \alpha\, P N_t
+
+    (for the *out* side, :math:`R = G P` and :math:`\Delta W = \alpha N P^\top`). ``inner`` only
+    ever sees low-rank shapes, so its state (Adam's moments, ...) is low-rank. Untargeted leaves
+    go through ``inner`` at full shape, unscaled -- exactly as galore-torch's non-GaLore param
+    groups. ``inner`` is called with ``params=None`` for the projected leaves, so put weight decay
+    outside (see :func:`lowrank_jax.galore_adamw`).
+
+    Args:
+      inner: any optax transformation, e.g. ``optax.scale_by_adam()``.
+      rank: projection rank ``r``; clipped to ``min(in, out)`` per matrix with a warning.
+        Must be a Python int (under ``optax.inject_hyperparams`` use ``static_args``).
+      update_proj_gap: ``T``, steps between projector refreshes.
+      scale: ``α``, multiplies the projected-back update of targeted leaves only.
+      proj_type: which axis is compressed, as galore-torch: ``"std"`` (the smaller one; the in
+        axis of a square matrix), ``"reverse_std"``, ``"right"`` (in), ``"left"`` (out) or
+        ``"full"`` (both). Defined on the in/out axes, so a Flax ``(in, out)`` kernel gives the
+        same result as galore-torch on the ``(out, in)`` weight.
+      basis: ``"svd"`` (exact, float32), ``"randomized"`` (range finder; matmuls only, shards
+        well, much cheaper) or ``"random"`` (seeded orthonormal Gaussian, no decomposition).
+      targets: which leaves are projected; default every float ``ndim >= 2`` leaf that is not an
+        embedding, head, norm or bias (:mod:`lowrank_jax.targets`).
+      dims: :class:`~lowrank_jax.MatrixDims` per leaf; other axes are batch axes (one projector
+        per matrix of a scan-stacked ``[L, in, out]`` kernel).
+      on_refresh: what happens to the inner state at a refresh: ``"keep"`` (galore-torch),
+        ``"reset"`` (re-initialise it) or ``"reproject"`` (rotate the moments into the new
+        basis; GaLore issue #54).
+      projector_dtype: dtype of the stored bases; ``None`` keeps the gradient dtype, as
+        galore-torch does. Decompositions always run in float32.
+      seed: seed of the key for ``basis="randomized" | "random"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`GaLoreState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, lowrank_jax as lr
+      >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+      >>> tx = lr.galore(optax.scale_by_adam(), rank=2, update_proj_gap=10)
+      >>> state = tx.init(params)
+      >>> state.lowrank_state.mu["w"].shape  # (in=8, out=4): std compresses out
+      (8, 2)
+
+    References:
+      Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+      ICML 2024 (Algorithm 2). https://arxiv.org/abs/2403.03507
+    """
+    core = ProjectedCore(
+        inner,
+        method="galore",
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        proj_type=proj_type,
+        basis=basis,
+        targets=targets,
+        dims=dims,
+        on_refresh=on_refresh,
+        projector_dtype=projector_dtype,
+        seed=seed,
+    )
+
+    def init_fn(params: Any) -> GaLoreState:
+        return GaLoreState(*core.init(params))
+
+    def update_fn(
+        updates: Any, state: GaLoreState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, GaLoreState]:
+        step = core.step(
+            updates,
+            state.count,
+            state.key,
+            state.projectors,
+            state.lowrank_state,
+            state.fullrank_state,
+            params,
+            **extra_args,
+        )
+
+        def back(plan: Any, i: int) -> jax.Array:
+            n = projection.project_back(step.lowrank_updates[i], step.projectors[i])
+            return n * scale
+
+        new_updates = core.finish(step, back)
+        return new_updates, GaLoreState(
+            count=safe_increment(state.count),
+            key=state.key,
+            projectors=core.projectors_tree(step),
+            lowrank_state=step.lowrank_state,
+            fullrank_state=step.fullrank_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
