@@ -123,10 +123,8 @@ def galore_bytes(
 
 def human(n_bytes: float) -> str:
     """``1234567`` -> ``'1.23 MB'`` (decimal units, as the GaLore paper)."""
-    if abs(n_bytes) < 1000:
-        return f"{int(n_bytes)} B"
-    for unit in ("KB", "MB", "GB"):
+    units = ["B", "KB", "MB", "GB"]
+    while abs(n_bytes) >= 1000 and len(units) > 1:
         n_bytes /= 1000
-        if abs(n_bytes) < 1000:
-            break
-    return f"{n_bytes:.2f} {unit}"
+        units.pop(0)
+    return f"{int(n_bytes)} B" if units[0] == "B" else f"{n_bytes:.2f} {units[0]}"

@@ -68,7 +68,7 @@ class MatrixDims(NamedTuple):
         return MatrixDims(*axes)
 
 
-Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool], Any]
+Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool], Any]  # noqa: UP007
 
 _EXCLUDED_NAME = re.compile(
     r".*embed.*|(lm_)?head|.*norm.*|ln(_\w+|\d*)|bias|wte|wpe", re.IGNORECASE

@@ -70,14 +70,14 @@ class Step(NamedTuple):
 
 
 def _check_int(name: str, value: Any, method: str, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            value = int(value)
-        except (TypeError, jax.errors.ConcretizationTypeError) as err:
-            raise TypeError(f"{method}: {name} must be a Python int.{hint}") from err
-    if value <= 0:
+    """``value`` as a positive Python int; a clear error for tracers and non-integers."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{method}: {name} must be a Python int, got a traced value.{hint}")
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise TypeError(f"{method}: {name} must be a whole number, got {value!r}.")
+    if int(value) <= 0:
         raise ValueError(f"{method}: {name} must be positive, got {value}.")
-    return value
+    return int(value)
 
 
 class ProjectedCore:

@@ -33,7 +33,7 @@ def scale_by_adam_hf(
     correct_bias: bool = True,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
-    r"""Adam as in HuggingFace's ``AdamW`` (and galore-torch): ``eps`` is added before bias correction.
+    r"""Adam as in HuggingFace's ``AdamW`` (and galore-torch): eps before bias correction.
 
     .. math::
         m_t = \beta_1 m + (1-\beta_1) g,\quad v_t = \beta_2 v + (1-\beta_2) g^2,\quad
@@ -90,7 +90,7 @@ def scale_by_adafactor_hf(
     decay_rate: float = -0.8,
     beta1: float | None = None,
 ) -> optax.GradientTransformation:
-    r"""Adafactor as in HuggingFace/galore-torch with ``relative_step=False, scale_parameter=False``.
+    r"""Adafactor as HuggingFace/galore-torch with ``relative_step=False, scale_parameter=False``.
 
     Per step :math:`t`: :math:`\hat\beta_{2t} = 1 - t^{c}` (``c = decay_rate``),
     :math:`u = g^2 + \epsilon_1`; factored (``ndim >= 2``) row/column EMAs of :math:`u` give
