@@ -22,6 +22,7 @@ import optax
 from lowrank_jax import projection
 from lowrank_jax.projection import Projector
 from lowrank_jax.targets import MatrixDims, Targets, path_str, resolve, resolve_dims
+from lowrank_jax.transforms import _adaptive
 from lowrank_jax.transforms._common import (
     MaskedNode,
     canonical_shape,
@@ -67,6 +68,7 @@ class Step(NamedTuple):
     count: jax.Array  # the step counter before this step
     lowrank_state: Any
     fullrank_state: Any
+    refresh_state: Any = None  # per-leaf _adaptive.RefreshState with adaptive refresh
 
 
 def _check_int(name: str, value: Any, method: str, hint: str = "") -> int:
@@ -97,6 +99,11 @@ class ProjectedCore:
         its moments into the new basis.
       projector_dtype: dtype of the stored bases; ``None`` keeps each gradient's dtype.
       seed: seed of the key used by the randomized and random bases.
+      adaptive_refresh: per-matrix lazy refresh (:mod:`~lowrank_jax.transforms._adaptive`);
+        needs ``on_refresh="keep"``.
+      basis_fn: ``(plan, key) -> Projector``: regenerate every projector each step from a key
+        that changes every ``update_proj_gap`` steps, instead of storing it (APOLLO); needs
+        ``on_refresh`` ``"keep"`` or ``"reset"``.
     """
 
     def __init__(
@@ -113,6 +120,8 @@ class ProjectedCore:
         on_refresh: str,
         projector_dtype: Any,
         seed: int,
+        adaptive_refresh: _adaptive.AdaptiveRefresh | None = None,
+        basis_fn: Callable[[LeafPlan, jax.Array], Projector] | None = None,
     ):
         hint = " Under optax.inject_hyperparams pass static_args=('rank',)."
         self.rank = _check_int("rank", rank, method, hint)
@@ -140,6 +149,17 @@ class ProjectedCore:
         self.on_refresh = on_refresh
         self.projector_dtype = projector_dtype
         self.seed = seed
+        if adaptive_refresh is not None:
+            _adaptive.check(adaptive_refresh, method)
+            if on_refresh != "keep" or basis_fn is not None:
+                raise ValueError(
+                    f"{method}: adaptive_refresh refreshes each matrix on its own schedule, so "
+                    "it needs on_refresh='keep' (the inner state is shared by all matrices)."
+                )
+        if basis_fn is not None and on_refresh == "reproject":
+            raise ValueError(f"{method}: on_refresh='reproject' needs stored projectors.")
+        self.adaptive_refresh = adaptive_refresh
+        self.basis_fn = basis_fn
 
     # ------------------------------------------------------------------ planning
     def plan(self, tree: Any, warn: bool = False) -> tuple[Any, list, list]:
@@ -182,9 +202,12 @@ class ProjectedCore:
         return leaf.dtype if self.projector_dtype is None else self.projector_dtype
 
     def init(self, params: Any) -> tuple[jax.Array, jax.Array, Any, Any, Any]:
-        """``(count, key, projectors, lowrank_state, fullrank_state)`` for ``params``."""
+        """``(count, key, projectors, lowrank_state, fullrank_state)`` for ``params``.
+
+        ``projectors`` is ``None`` with ``basis_fn`` (nothing is stored).
+        """
         treedef, leaves, plans = self.plan(params, warn=True)
-        projectors = [
+        projectors = None if self.basis_fn else [
             projection.identity_projector(p.shape, p.side, p.rank, self._dtype(leaf))
             if p
             else MaskedNode()
@@ -193,11 +216,25 @@ class ProjectedCore:
         return (
             jnp.zeros([], jnp.int32),
             new_key(self.seed),
-            treedef.unflatten(projectors),
+            None if projectors is None else treedef.unflatten(projectors),
             self.inner.init(self._lowrank_template(treedef, leaves, plans)),
             self.inner.init(
                 treedef.unflatten([MaskedNode() if p else x for p, x in zip(plans, leaves)])
             ),
+        )
+
+    def init_refresh(self, params: Any) -> Any:
+        """The per-leaf :class:`~._adaptive.RefreshState` tree, or ``None`` without it."""
+        if self.adaptive_refresh is None:
+            return None
+        treedef, _, plans = self.plan(params)
+        return treedef.unflatten(
+            [
+                _adaptive.init_state(p.shape[:-2], self.update_proj_gap, self.adaptive_refresh)
+                if p
+                else MaskedNode()
+                for p in plans
+            ]
         )
 
     def _lowrank_template(self, treedef: Any, leaves: list, plans: list) -> Any:
@@ -218,30 +255,57 @@ class ProjectedCore:
         lowrank_state: Any,
         fullrank_state: Any,
         params: Any = None,
+        *,
+        refresh_state: Any = None,
         **extra_args: Any,
     ) -> Step:
         """Refreshes projectors when due, projects, and runs the inner transformation."""
         treedef, leaves, plans = self.plan(updates)
-        old = self._flatten_state(treedef, plans, projectors)
+        old = self.flatten_state(treedef, plans, projectors)
         grads = [to_canonical(g, p.dims) if p else g for p, g in zip(plans, leaves)]
         refresh = count % self.update_proj_gap == 0
         refresh_key = jax.random.fold_in(wrap_key(key), count)
+        if self.basis_fn is not None:
+            # Regenerated, not stored: the key of the current period's refresh step.
+            period_key = jax.random.fold_in(wrap_key(key), count - count % self.update_proj_gap)
+            old = [
+                self.basis_fn(p, jax.random.fold_in(period_key, i)) if p else MaskedNode()
+                for i, p in enumerate(plans)
+            ]
+            refresh_key = None
+        elif self.adaptive_refresh is not None:
+            old, refresh_state, refresh = self._adaptive_step(
+                plans, grads, old, count, refresh_key, treedef.flatten_up_to(refresh_state)
+            )
+            refresh_state, refresh_key = treedef.unflatten(refresh_state), None
 
-        def refreshed() -> tuple[list, Any]:
-            new = [
+        def new_projectors() -> list:
+            return [
                 self._new_projector(p, g, q, jax.random.fold_in(refresh_key, i)) if p else q
                 for i, (p, g, q) in enumerate(zip(plans, grads, old))
             ]
-            state = lowrank_state
-            if self.on_refresh == "reset":
-                state = self.inner.init(self._lowrank_template(treedef, leaves, plans))
-            elif self.on_refresh == "reproject":
-                state = self._reproject(state, treedef, leaves, plans, old, new)
-            return new, state
 
-        new_projectors, lowrank_state = jax.lax.cond(
-            refresh, refreshed, lambda: (old, lowrank_state)
-        )
+        if refresh_key is None:  # regenerated or refreshed per matrix above
+            new_projectors = old
+            if self.on_refresh == "reset":
+                template = self._lowrank_template(treedef, leaves, plans)
+                lowrank_state = jax.lax.cond(
+                    refresh, lambda: self.inner.init(template), lambda: lowrank_state
+                )
+        elif self.on_refresh == "keep":
+            # Only the projectors go through the cond: the moments are not copied.
+            new_projectors = jax.lax.cond(refresh, new_projectors, lambda: old)
+        else:
+
+            def refreshed() -> tuple[list, Any]:
+                new = new_projectors()
+                if self.on_refresh == "reset":
+                    return new, self.inner.init(self._lowrank_template(treedef, leaves, plans))
+                return new, self._reproject(lowrank_state, treedef, leaves, plans, old, new)
+
+            new_projectors, lowrank_state = jax.lax.cond(
+                refresh, refreshed, lambda: (old, lowrank_state)
+            )
         lowrank_grads = [
             projection.project(g, q) if p else None
             for p, g, q in zip(plans, grads, new_projectors)
@@ -276,6 +340,7 @@ class ProjectedCore:
             count=count,
             lowrank_state=lowrank_state,
             fullrank_state=fullrank_state,
+            refresh_state=refresh_state,
         )
 
     @staticmethod
@@ -288,10 +353,34 @@ class ProjectedCore:
         return step.treedef.unflatten(out)
 
     def projectors_tree(self, step: Step) -> Any:
-        return step.treedef.unflatten(step.projectors)
+        """The projectors to store (``None`` with ``basis_fn``: they are regenerated)."""
+        return None if self.basis_fn else step.treedef.unflatten(step.projectors)
 
     # ------------------------------------------------------------------ internals
-    def _flatten_state(self, treedef: Any, plans: list, projectors: Any) -> list:
+    def _adaptive_step(
+        self, plans: list, grads: list, old: list, count: jax.Array, key: Any, states: list
+    ) -> tuple[list, list, jax.Array]:
+        new, new_states, due = [], [], jnp.zeros([], bool)
+        for i, (p, g, q, s) in enumerate(zip(plans, grads, old, states)):
+            if p is None:
+                new.append(q)
+                new_states.append(s)
+                continue
+            compute = lambda g_m, q_m, k, p=p: self._new_projector(p, g_m, q_m, k)
+            q, s, leaf_due = _adaptive.refresh_leaf(
+                p.shape[:-2], g, q, s, count, jax.random.fold_in(key, i), compute,
+                self.adaptive_refresh,
+            )
+            new.append(q)
+            new_states.append(s)
+            due = due | leaf_due
+        return new, new_states, due
+
+    def flatten_state(self, treedef: Any, plans: list, projectors: Any) -> list | None:
+        """``projectors`` (or any state tree with ``MaskedNode`` at untargeted leaves) as a
+        list, checked against the plans; ``None`` stays ``None``."""
+        if projectors is None:
+            return None
         try:
             old = treedef.flatten_up_to(projectors)
         except (ValueError, TypeError) as err:

@@ -200,6 +200,9 @@ def decoupled_weight_decay(
       mask: optional bool tree or callable selecting decayed leaves (default: all).
     """
 
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+        return optax.identity()  # no decay: no pass over the parameters at all
+
     def init_fn(params: Any) -> DecoupledWeightDecayState:
         del params
         return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
