@@ -124,7 +124,10 @@ def _lu_normalize(y: jax.Array) -> jax.Array:
 
     It always has full column rank (a unit-diagonal block), even when ``y`` does not.
     """
-    return jax.scipy.linalg.lu(y, permute_l=True)[0]
+    lower = lambda m: jax.scipy.linalg.lu(m, permute_l=True)[0]
+    for _ in range(y.ndim - 2):  # jax.scipy.linalg.lu takes one matrix
+        lower = jax.vmap(lower)
+    return lower(y)
 
 
 def _orthonormalize(y: jax.Array) -> jax.Array:

@@ -393,3 +393,14 @@ def test_tree_mismatch_between_init_and_update(key):
     state = tx.init(params)
     with pytest.raises(ValueError, match="structure of the parameters"):
         tx.update({"other": jnp.ones((4, 4))}, state)
+
+
+@pytest.mark.parametrize("basis", ["randomized", "random"])
+def test_stacked_leaves_with_other_bases(key, basis):
+    stacked = {"w": jax.random.normal(key, (3, 40, 24))}
+    tx = lr.galore(optax.scale_by_adam(), rank=4, basis=basis)
+    _, state = tx.update(grad_stream(stacked, 1)[0], tx.init(stacked))
+    b = state.projectors["w"].out_basis
+    assert b.shape == (3, 24, 4)
+    np.testing.assert_allclose(jnp.swapaxes(b, -1, -2) @ b, np.broadcast_to(np.eye(4), (3, 4, 4)),
+                               atol=1e-5)

@@ -1,0 +1,118 @@
+"""The jitted train and eval steps, and the paper's warmup + cosine learning-rate schedule.
+
+The model is trained functionally: ``graphdef, state = nnx.split(model)``, the parameters are a
+plain pytree (``nnx.to_pure_dict``), and one ``jax.jit`` step with donated buffers takes any
+optax transformation. So optimizer states stay ordinary optax pytrees that orbax saves and
+restores with their types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+__all__ = ["TrainState", "cross_entropy", "make_eval_step", "make_train_step", "warmup_cosine"]
+
+
+class TrainState(NamedTuple):
+    """What a train step carries: the step count, the parameters, the optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def warmup_cosine(
+    peak_lr: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.1
+) -> optax.Schedule:
+    r"""The GaLore paper's schedule (``get_cyclical_cosine_schedule_with_min_lr``, one cycle).
+
+    .. math::
+        \eta_s = \eta \cdot \begin{cases} s / w & s < w \\
+        m + (1-m)\,\tfrac12\bigl(1 + \cos(\pi\,\tfrac{s - w}{N - w})\bigr) & s \ge w \end{cases}
+
+    with ``s`` the 0-based update count, so with warmup the first update has learning rate 0, as
+    in the reference (its scheduler steps after the optimizer). Held at ``m·η`` after ``N``.
+
+    Args:
+      peak_lr: ``η``.
+      total_steps: ``N``.
+      warmup_steps: ``w`` (0: start at the peak).
+      min_ratio: ``m``.
+
+    Returns:
+      An optax schedule ``count -> lr``.
+    """
+
+    def schedule(count: jax.Array) -> jax.Array:
+        count = jnp.asarray(count, jnp.float32)
+        warm = count / max(warmup_steps, 1)
+        progress = jnp.clip((count - warmup_steps) / max(total_steps - warmup_steps, 1), 0, 1)
+        cosine = min_ratio + (1 - min_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        return peak_lr * jnp.where(count < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy, computed in float32."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.mean(losses)
+
+
+def _loss_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
+    def loss(params: Any, batch: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        return cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+
+    return loss
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    grad_clip: float = 0.0,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+    The gradient's global norm is clipped to ``grad_clip`` (as ``torch.nn.utils.
+    clip_grad_norm_``: scaled by ``min(1, c / (‖g‖ + 1e-6))``) before ``tx``, so ``tx``'s state
+    is exactly its own.
+
+    Args:
+      graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
+      tx: any optax transformation.
+      grad_clip: the norm to clip to; 0 disables.
+      schedule: reported as ``lr`` in the metrics (the one ``tx`` uses).
+
+    Returns:
+      The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
+      ``lr`` (float32 scalars).
+    """
+    loss_fn = _loss_fn(graphdef)
+
+    def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        grad_norm = optax.tree.norm(grads)
+        if grad_clip > 0:
+            factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
+    """Jitted ``(params, batch) -> mean loss`` over ``batch`` (``int[batch, seq_len + 1]``)."""
+    return jax.jit(_loss_fn(graphdef))

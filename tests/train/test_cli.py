@@ -1,0 +1,163 @@
+"""``lowrank-jax train`` end to end at tiny sizes: metrics, exact resume, errors, kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lowrank_jax.train import RunConfig, TrainError, train
+from lowrank_jax.train.cli import main
+
+TINY = dict(
+    model="llama_tiny",
+    steps=6,
+    batch_size=2,
+    seq_len=16,
+    eval_every=3,
+    eval_batches=2,
+    checkpoint_every=3,
+    progress=False,
+    update_proj_gap=4,
+)
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in _records(out) if "loss" in r and not r.get("summary")}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("full"))
+    lines = []
+    summary = train(RunConfig(out=out, **TINY), log=lines.append)
+    return out, summary, lines
+
+
+def test_metrics_file_and_report(full_run):
+    out, summary, lines = full_run
+    records = _records(out)
+    assert all("step" in r for r in records)
+    assert [r["step"] for r in records if "loss" in r and not r.get("summary")] == list(range(1, 7))
+    evals = [r for r in records if "val_loss" in r and not r.get("summary")]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(r["val_ppl"] == pytest.approx(np.exp(r["val_loss"])) for r in evals)
+    assert records[-1] == summary and summary["summary"] is True
+    assert summary["peak_memory_bytes"] > 0 and "RSS" in summary["peak_memory_source"]
+    assert summary["tokens_per_s"] > 0
+    assert 0 < summary["opt_state_bytes"] < summary["adamw_state_bytes"]
+    assert summary["checkpoint"].endswith(os.path.join("checkpoints", "6"))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["3", "6"]
+    report = "\n".join(lines)
+    assert "perplexity" in report and "AdamW" in report and summary["checkpoint"] in report
+
+
+def test_resume_is_bitwise_exact(full_run, tmp_path):
+    full_out, full_summary, _ = full_run
+    out = str(tmp_path / "interrupted")
+    train(RunConfig(out=out, stop_at=3, **TINY), log=lambda _: None)
+    assert max(_losses(out)) == 3
+    resumed = train(RunConfig(out=out, resume=True, **TINY), log=lambda _: None)
+    assert _losses(out) == _losses(full_out)  # float equality, every step
+    assert resumed["val_loss"] == full_summary["val_loss"]
+    assert [r for r in _records(out) if r.get("summary")] == [_records(out)[-1]]
+
+
+def test_refuses_to_mix_runs(full_run):
+    out, _, _ = full_run
+    with pytest.raises(TrainError, match="already has checkpoints.*--resume"):
+        train(RunConfig(out=out, **TINY), log=lambda _: None)
+    with pytest.raises(TrainError, match="already at step 6; raise --steps"):
+        train(RunConfig(out=out, resume=True, **TINY), log=lambda _: None)
+
+
+def _cli(capsys, *args):
+    code = main(["train", *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "llama_3b"], "unknown model 'llama_3b'; choose one of: llama_tiny, llama_20m"),
+        (["--optimizer", "lamb"], "unknown optimizer 'lamb'; choose one of: adamw"),
+        (["--data", "/no/such/dir/*.txt"], "no such file, directory or matching files"),
+        (["--data", "EMPTY"], "the corpus is empty"),
+        (["--data", "SMALL", "--seq-len", "4096"], "fewer than one sequence of --seq-len 4096"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--config", "/no/such.toml"], "no such file"),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, tmp_path, flags, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "small.txt").write_text("a small corpus of a few words")
+    flags = [
+        {"EMPTY": str(tmp_path / "empty.txt"), "SMALL": str(tmp_path / "small.txt")}.get(f, f)
+        for f in flags
+    ]
+    code, err = _cli(capsys, "--out", str(tmp_path / "run"), "--no-progress", *flags)
+    assert code == 2
+    assert err.startswith("lowrank-jax: error: ") and message in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_cli_incompatible_and_corrupt_checkpoints(full_run, capsys, tmp_path):
+    out, _, _ = full_run
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", out, str(copy)], check=True)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
+    code, err = _cli(capsys, *flags, "--out", str(copy), "--resume", "--rank", "4", "--no-progress")
+    assert code == 2 and "incompatible run: rank=None (now 4)" in err and "\n" not in err
+    for root, _, files in os.walk(copy / "checkpoints" / "6"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00corrupt")
+    code, err = _cli(capsys, *flags, "--out", str(copy), "--resume", "--no-progress")
+    assert code == 2 and "checkpoints/6" in err and "\n" not in err
+
+
+def test_kill_during_checkpointing_then_resume(tmp_path, compilation_cache):
+    out = tmp_path / "killed"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("In the beginning was the word, and the word was with God. " * 200)
+    flags = (
+        "--model llama_tiny --steps 12 --batch-size 2 --seq-len 16 --scan-layers "
+        "--checkpoint-every 1 --keep-checkpoints 2 --eval-every 1000 --update-proj-gap 1000 "
+        "--no-progress"
+    )
+    cmd = [sys.executable, "-m", "lowrank_jax.train.cli", "train", *flags.split()]
+    cmd += ["--data", str(corpus), "--out", str(out)]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=compilation_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    checkpoints = out / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoints.exists() and any(p.name == "3" for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)  # most of a step here is the checkpoint write
+    proc.wait()
+    proc.stderr.close()
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+    steps = [r["step"] for r in _records(out) if "loss" in r and not r.get("summary")]
+    assert steps == list(range(1, 13))
+    assert _records(out)[-1]["summary"] and _records(out)[-1]["step"] == 12
+    assert not any("tmp" in p.name for p in checkpoints.iterdir())

@@ -1,0 +1,130 @@
+"""The jitted step (clipping, donation, any optax tx) and orbax checkpoints of optax states."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lowrank_jax as lr
+from lowrank_jax.data import IteratorState
+from lowrank_jax.models import Llama, get_config
+from lowrank_jax.train.checkpoint import Checkpointer, CheckpointError
+from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
+
+CONFIG = get_config("llama_tiny", vocab_size=40, num_layers=1)
+
+
+def _setup(tx, seed=0):
+    model = Llama(CONFIG, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return nnx.graphdef(model), TrainState(jnp.int32(0), params, tx.init(params))
+
+
+def _batch(seed=0, shape=(4, 17)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 40, shape), jnp.int32)
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore"])
+def test_step_lowers_the_loss_and_donates(name):
+    tx = {"adamw": optax.adamw(3e-3), "galore": lr.galore_adamw(3e-2, rank=8)}[name]
+    graphdef, state = _setup(tx)
+    step = make_train_step(graphdef, tx, grad_clip=1.0)
+    evaluate = make_eval_step(graphdef)
+    batch = _batch()
+    before = float(evaluate(state.params, batch))
+    old_leaf = jax.tree.leaves(state.params)[0]
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert old_leaf.is_deleted()  # the state buffers were donated
+    assert int(state.step) == 8
+    assert losses[0] == pytest.approx(before, rel=1e-5)
+    assert float(evaluate(state.params, batch)) < before - 0.5
+
+
+def test_gradient_clipping_matches_torch_rule():
+    graphdef, state = _setup(optax.sgd(1.0))
+    step = make_train_step(graphdef, optax.sgd(1.0), grad_clip=1e-3)
+    before = jax.tree.map(jnp.copy, state.params)
+    after, metrics = step(state, _batch())
+    norm = float(metrics["grad_norm"])  # reported before clipping
+    assert norm > 1e-3
+    delta = optax.tree.norm(jax.tree.map(jnp.subtract, after.params, before))
+    np.testing.assert_allclose(float(delta), 1e-3 * norm / (norm + 1e-6), rtol=1e-3)
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_galore_state_round_trips_with_types(tmp_path):
+    tx = lr.galore_adamw(1e-2, rank=2, update_proj_gap=2)
+    params = {
+        "embed": {"embedding": jnp.ones((5, 4))},
+        "layers": {0: {"attn": {"q_proj": {"kernel": jnp.arange(24.0).reshape(6, 4)}}}},
+        "final_norm": {"scale": jnp.ones(4)},
+    }
+    opt_state = tx.init(params)
+    grads = jax.tree.map(lambda x: jnp.sin(x + 1.0), params)
+    _, opt_state = tx.update(grads, opt_state, params)
+    state = TrainState(jnp.int32(1), params, opt_state)
+    galore_state = opt_state[0]
+    assert isinstance(galore_state, lr.GaLoreState)
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    nodes = jax.tree.leaves(galore_state.projectors, is_leaf=is_masked)
+    assert any(is_masked(x) for x in nodes)  # untargeted leaves hold MaskedNode
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(1, state, IteratorState(2, 24), {"model": "x"})
+    restored, position = ckpt.restore(1, jax.eval_shape(lambda: state), {"model": "x"})
+    assert position == IteratorState(2, 24)
+    assert isinstance(restored, TrainState)
+    assert isinstance(restored.opt_state[0], lr.GaLoreState)
+    _assert_same(restored, state)
+    restored_nodes = jax.tree.leaves(restored.opt_state[0].projectors, is_leaf=is_masked)
+    assert [is_masked(x) for x in restored_nodes] == [is_masked(x) for x in nodes]
+
+
+def test_keeps_last_k_and_ignores_half_written(tmp_path):
+    tx = optax.adamw(1e-3)
+    _, state = _setup(tx)
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, state, IteratorState(0, step), {})
+    assert sorted(os.listdir(tmp_path)) == ["2", "3"]
+    # What a kill during a save leaves: orbax's temporary directory, never renamed.
+    os.makedirs(tmp_path / "4.orbax-checkpoint-tmp-123" / "state")
+    reopened = Checkpointer(str(tmp_path), keep=2)
+    assert reopened.latest_step() == 3
+    _, position = reopened.restore(3, jax.eval_shape(lambda: state), {})
+    assert position == IteratorState(0, 3)
+
+
+def test_incompatible_and_corrupt_checkpoints_are_one_line_errors(tmp_path):
+    tx = optax.adamw(1e-3)
+    _, state = _setup(tx)
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(5, state, IteratorState(0, 0), {"model": "llama_tiny", "rank": 4})
+    abstract = jax.eval_shape(lambda: state)
+    with pytest.raises(
+        CheckpointError, match=r"incompatible run: model='llama_tiny' \(now 'llama_20m'\)"
+    ):
+        ckpt.restore(5, abstract, {"model": "llama_20m", "rank": 4})
+    other = jax.eval_shape(lambda: _setup(lr.galore_adamw(1e-3, rank=4))[1])
+    with pytest.raises(CheckpointError, match="cannot be restored") as err:
+        ckpt.restore(5, other, {"model": "llama_tiny", "rank": 4})
+    assert "\n" not in str(err.value)
+    for root, _, files in os.walk(tmp_path / "5" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be restored") as err:
+        ckpt.restore(5, abstract, {"model": "llama_tiny", "rank": 4})
+    assert "\n" not in str(err.value)
