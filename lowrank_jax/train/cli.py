@@ -11,6 +11,7 @@ Expected problems (unknown names, missing data, a corrupt checkpoint, ...) print
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Sequence
 
@@ -77,8 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
+    train.add_argument(
+        "--opt",
+        dest="optimizer_options",
+        action="append",
+        type=_option,
+        metavar="KEY=VALUE",
+        help="extra optimizer argument, e.g. --opt basis=randomized (repeatable)",
+    )
     commands.add_parser("optimizers", help="list the registered optimizers")
     return parser
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE a Python literal (number, bool, string, ...) or a bare word."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -88,6 +108,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig()
     if path:
         cfg = cfg.replace(**load_config_file(path))
+    if "optimizer_options" in values:
+        values["optimizer_options"] = {**cfg.optimizer_options, **dict(values["optimizer_options"])}
     return cfg.replace(**values).validate()
 
 

@@ -48,6 +48,8 @@ class RunConfig:
       scan_layers, remat, dtype, param_dtype: model options (:class:`LlamaConfig`).
       progress: show a progress bar.
       stop_at: stop after this step as if preempted (tests and demos of ``resume``).
+      optimizer_options: extra keyword arguments for the optimizer's factory, e.g.
+        ``{"basis": "randomized"}`` (``--opt basis=randomized`` on the command line).
     """
 
     model: str = "llama_20m"
@@ -81,6 +83,7 @@ class RunConfig:
     param_dtype: str = "float32"
     progress: bool = True
     stop_at: int | None = None
+    optimizer_options: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def field_names(cls) -> list[str]:

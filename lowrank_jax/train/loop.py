@@ -70,6 +70,7 @@ _FINGERPRINT = (
     "remat",
     "dtype",
     "param_dtype",
+    "optimizer_options",
 )
 
 
@@ -152,17 +153,21 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
     rank = cfg.rank or max(1, model_config.hidden_size // 4)
     peak_lr = cfg.lr if cfg.lr is not None else entry.default_lr
     schedule = warmup_cosine(peak_lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    tx = entry.factory(
-        OptimizerArgs(
-            learning_rate=schedule,
-            rank=rank,
-            update_proj_gap=cfg.update_proj_gap,
-            scale=cfg.galore_scale,
-            weight_decay=cfg.weight_decay,
-            seed=cfg.seed,
-            total_steps=cfg.steps,
+    try:
+        tx = entry.factory(
+            OptimizerArgs(
+                learning_rate=schedule,
+                rank=rank,
+                update_proj_gap=cfg.update_proj_gap,
+                scale=cfg.galore_scale,
+                weight_decay=cfg.weight_decay,
+                seed=cfg.seed,
+                total_steps=cfg.steps,
+                extra=dict(cfg.optimizer_options),
+            )
         )
-    )
+    except TypeError as err:  # an option the optimizer does not take
+        raise TrainError(f"optimizer {cfg.optimizer!r}: {err} (check --opt)") from err
 
     def init_state() -> TrainState:
         model = Llama(model_config, rngs=nnx.Rngs(cfg.seed))

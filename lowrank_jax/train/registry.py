@@ -157,8 +157,7 @@ def _adamw(args: OptimizerArgs) -> Any:
 def _galore(args: OptimizerArgs) -> Any:
     from lowrank_jax.optimizers import galore_adamw
 
-    return galore_adamw(
-        args.learning_rate,
+    options = dict(
         rank=args.rank,
         update_proj_gap=args.update_proj_gap,
         scale=args.scale,
@@ -167,8 +166,8 @@ def _galore(args: OptimizerArgs) -> Any:
         eps=1e-6 if args.eps is None else args.eps,
         weight_decay=args.weight_decay,
         seed=args.seed,
-        **args.extra,
     )
+    return galore_adamw(args.learning_rate, **{**options, **args.extra})
 
 
 # Default learning rates: the GaLore paper's tuned values (0.01 for GaLore, <= 0.001 for the

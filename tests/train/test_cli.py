@@ -161,3 +161,19 @@ def test_kill_during_checkpointing_then_resume(tmp_path, compilation_cache):
     assert steps == list(range(1, 13))
     assert _records(out)[-1]["summary"] and _records(out)[-1]["step"] == 12
     assert not any("tmp" in p.name for p in checkpoints.iterdir())
+
+
+def test_optimizer_options_reach_the_optimizer(tmp_path, capsys):
+    from lowrank_jax.train.cli import _config, build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--opt", "basis=randomized", "--opt", "scale=1", "--opt", "on_refresh=reset"]
+    )
+    assert _config(args).optimizer_options == {
+        "basis": "randomized", "scale": 1, "on_refresh": "reset"
+    }
+    out = str(tmp_path / "bad")
+    assert main(["train", "--model", "llama_tiny", "--steps", "2", "--out", out,
+                 "--no-progress", "--opt", "bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bogus" in err and "--opt" in err
