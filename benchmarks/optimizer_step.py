@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -61,7 +60,9 @@ def optax_galore(rank: int, gap: int, shapes: dict) -> optax.GradientTransformat
     )
 
 
-def candidates(rank: int, gap: int, shapes: dict) -> dict[str, Callable[[], optax.GradientTransformation]]:
+def candidates(
+    rank: int, gap: int, shapes: dict
+) -> dict[str, Callable[[], optax.GradientTransformation]]:
     return {
         "optax.adamw": lambda: optax.adamw(1e-3),
         "optax.contrib.galore": lambda: optax_galore(rank, gap, shapes),
@@ -96,7 +97,9 @@ def _rounds(run, params, state, rounds, steps):
     return times, lr.memory.tree_bytes(state)
 
 
-def time_torch(shapes: dict, rank: int, gap: int, rounds: int, steps: int) -> dict[str, list[float]]:
+def time_torch(
+    shapes: dict, rank: int, gap: int, rounds: int, steps: int
+) -> dict[str, list[float]]:
     """galore-torch GaLoreAdamW and torch.optim.AdamW on the same shapes (PyTorch layout)."""
     import torch
     from galore_torch import GaLoreAdamW

@@ -95,7 +95,8 @@ def main() -> None:
         header += f"  | {METHODS[name].label[:18]:>18} state  total (paper)"
     print("Weights + optimizer states, BF16, GB (1 GB = 1e9 bytes)\n" + header)
     for model, row in rows.items():
-        line = f"{model:<11}{row['rank']:>5}{row['params'] / 1e6:>8.0f}M{gb(row['weights_bytes']):>9}"
+        params = f"{row['params'] / 1e6:>8.0f}M"
+        line = f"{model:<11}{row['rank']:>5}{params}{gb(row['weights_bytes']):>9}"
         for name in names:
             r = row[name]
             paper = f"({r['paper_total_gb']:.2f})" if r["paper_total_gb"] else "(-)"

@@ -6,6 +6,7 @@ low-rank space -- and parameter reparameterizations (LoRA family). See README.md
 
 from lowrank_jax import memory as memory
 from lowrank_jax import projection as projection
+from lowrank_jax import reparam as reparam
 from lowrank_jax import targets as targets
 from lowrank_jax.optimizers import adamw_hf as adamw_hf
 from lowrank_jax.optimizers import galore_adafactor as galore_adafactor

@@ -1,0 +1,109 @@
+"""Parameter reparameterizations: the LoRA family as functional transforms over parameter trees.
+
+One interface for every method (:class:`Method`: ``init``/``delta``/``affine``/``product`` on a
+canonical ``(..., in, out)`` matrix) and one wrapper (:class:`Reparam`) around it for targeting,
+``init``/``apply``/``merge``/``unmerge``, the trainable mask and save/load. The NNX fast path
+(:func:`wrap`) computes ``x@W + s·(x@A)@B`` without building ``ΔW``. Methods: :func:`lora`
+(rsLoRA, dropout, rank/alpha patterns), :func:`dora`, the inits :func:`pissa`, :func:`olora`,
+:func:`loraga`, :func:`eva` (data-driven through :class:`Calibration`), :func:`lora_xs`,
+:func:`lora_sb`, :func:`vera`, :func:`nola`, :func:`diablo`, :func:`ffa_lora`, and
+:class:`ReLoRA` for the train loop. Several adapters: :class:`AdapterSet`; PEFT files:
+:func:`to_peft` / :func:`from_peft`. Formulas: ``shared/reference/reparam.md``.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from lowrank_jax import reparam
+  >>> params = {"attn": {"q_proj": {"kernel": jnp.ones((16, 16))}}}
+  >>> rp = reparam.lora(rank=4, alpha=8, targets=r"q_proj")
+  >>> params, adapters = rp.init(jax.random.key(0), params)
+  >>> def loss(trainable):  # differentiate the trainable adapters only
+  ...     p = rp.apply(params, adapters.replace(trainable=trainable))
+  ...     return jnp.sum(p["attn"]["q_proj"]["kernel"] ** 2)
+  >>> tx = optax.adamw(1e-3)
+  >>> trainable = adapters.trainable
+  >>> opt_state = tx.init(trainable)
+  >>> updates, opt_state = tx.update(jax.grad(loss)(trainable), opt_state, trainable)
+  >>> adapters = adapters.replace(trainable=optax.apply_updates(trainable, updates))
+"""
+
+from lowrank_jax.reparam.calibration import ActivationStats, Calibration
+from lowrank_jax.reparam.core import (
+    Adapters,
+    MergeRecord,
+    Site,
+    apply,
+    merge,
+    num_trainable,
+    trainable_mask,
+    unmerge,
+)
+from lowrank_jax.reparam.diablo import DiaBlo, diablo
+from lowrank_jax.reparam.dora import DoRA, dora
+from lowrank_jax.reparam.io import load, save
+from lowrank_jax.reparam.lora import LoRA, eva, ffa_lora, lora, loraga, olora, pissa, to_base_lora
+from lowrank_jax.reparam.method import Method, register
+from lowrank_jax.reparam.multi import AdapterSet
+from lowrank_jax.reparam.nnx import (
+    Adapted,
+    FrozenAdapter,
+    adapters_of,
+    collect_inputs,
+    unwrap,
+    wrap,
+)
+from lowrank_jax.reparam.nola import NOLA, nola
+from lowrank_jax.reparam.peft import from_peft, to_peft
+from lowrank_jax.reparam.relora import ReLoRA, jagged_cosine_schedule, prune_optimizer_state
+from lowrank_jax.reparam.vera import VeRA, vera
+from lowrank_jax.reparam.wrapper import Reparam
+from lowrank_jax.reparam.xs import LoRASB, LoRAXS, lora_sb, lora_xs
+
+__all__ = [
+    "ActivationStats",
+    "Adapted",
+    "AdapterSet",
+    "Adapters",
+    "Calibration",
+    "DiaBlo",
+    "DoRA",
+    "FrozenAdapter",
+    "LoRA",
+    "LoRASB",
+    "LoRAXS",
+    "MergeRecord",
+    "Method",
+    "NOLA",
+    "ReLoRA",
+    "Reparam",
+    "Site",
+    "VeRA",
+    "adapters_of",
+    "apply",
+    "collect_inputs",
+    "diablo",
+    "dora",
+    "eva",
+    "ffa_lora",
+    "from_peft",
+    "jagged_cosine_schedule",
+    "load",
+    "lora",
+    "lora_sb",
+    "lora_xs",
+    "loraga",
+    "merge",
+    "nola",
+    "num_trainable",
+    "olora",
+    "pissa",
+    "prune_optimizer_state",
+    "register",
+    "save",
+    "to_base_lora",
+    "to_peft",
+    "trainable_mask",
+    "unmerge",
+    "unwrap",
+    "vera",
+    "wrap",
+]
