@@ -6,7 +6,6 @@ low-rank space -- and parameter reparameterizations (LoRA family). See README.md
 
 from lowrank_jax import memory as memory
 from lowrank_jax import projection as projection
-from lowrank_jax import reparam as reparam
 from lowrank_jax import targets as targets
 from lowrank_jax.optimizers import adamw_hf as adamw_hf
 from lowrank_jax.optimizers import galore_adafactor as galore_adafactor
@@ -20,3 +19,13 @@ from lowrank_jax.transforms.torch_style import scale_by_adafactor_hf as scale_by
 from lowrank_jax.transforms.torch_style import scale_by_adam_hf as scale_by_adam_hf
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lowrank_jax.reparam (Flax NNX wrappers) loads on first use: `import lowrank_jax` and the
+    # trainer's optimizer registry stay free of Flax.
+    if name == "reparam":
+        import importlib
+
+        return importlib.import_module("lowrank_jax.reparam")
+    raise AttributeError(f"module 'lowrank_jax' has no attribute {name!r}")
