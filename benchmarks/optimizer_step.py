@@ -2,9 +2,10 @@
 
 Steady-state step (jitted, params and state donated, no projector refresh) for optax.adamw,
 optax.contrib.galore, lowrank_jax.galore_adamw (and galore-torch next to torch's AdamW when
-torch is installed), every time also as a ratio to optax.adamw measured in the same run;
-plus the cost of one projector refresh per basis kind. Embeddings, head and norms are not
-projected by any of the GaLore variants.
+torch is installed), Fira, APOLLO, APOLLO-Mini, 8-bit AdamW, 8-bit GaLore and LISA (no
+resampling in the timed steps either), every time also as a ratio to optax.adamw measured in
+the same run; plus the cost of one projector refresh per basis kind. Embeddings, head and
+norms are not projected by any of the GaLore variants.
 
     python benchmarks/optimizer_step.py                    # llama_60m, rank 128 (the README)
     python benchmarks/optimizer_step.py --model llama_tiny --rank 8 --rounds 2   # smoke test
@@ -31,6 +32,14 @@ from flax import nnx
 import lowrank_jax as lr
 from lowrank_jax import projection
 from lowrank_jax.models.llama import Llama, get_config
+from lowrank_jax.optimizers import (
+    adamw_8bit,
+    apollo_adamw,
+    apollo_mini,
+    fira_adamw,
+    galore_adamw_8bit,
+    lisa_adamw,
+)
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 
@@ -67,6 +76,14 @@ def candidates(
         "optax.adamw": lambda: optax.adamw(1e-3),
         "optax.contrib.galore": lambda: optax_galore(rank, gap, shapes),
         "lowrank_jax.galore_adamw": lambda: lr.galore_adamw(1e-3, rank=rank, update_proj_gap=gap),
+        "lowrank_jax.fira_adamw": lambda: fira_adamw(1e-3, rank=rank, update_proj_gap=gap),
+        "lowrank_jax.apollo_adamw": lambda: apollo_adamw(1e-3, rank=rank, update_proj_gap=gap),
+        "lowrank_jax.apollo_mini": lambda: apollo_mini(1e-3, update_proj_gap=gap),
+        "lowrank_jax.adamw_8bit": lambda: adamw_8bit(1e-3, weight_decay=0.0),
+        "lowrank_jax.galore_adamw_8bit": lambda: galore_adamw_8bit(
+            1e-3, rank=rank, update_proj_gap=gap, weight_decay=0.0
+        ),
+        "lowrank_jax.lisa_adamw": lambda: lisa_adamw(1e-3, n_active=2, interval=gap),
     }
 
 

@@ -26,9 +26,14 @@ from lowrank_jax import projection
 from lowrank_jax.targets import Targets, resolve, resolve_dims
 
 __all__ = [
+    "adam8bit_bytes",
     "adamw_bytes",
+    "apollo_bytes",
+    "fira_bytes",
+    "galore8bit_bytes",
     "galore_bytes",
     "human",
+    "lisa_bytes",
     "param_bytes",
     "state_bytes",
     "tree_bytes",
@@ -119,6 +124,156 @@ def galore_bytes(
         kept = {"in": n_out, "out": n_in, "both": r}[side]
         total += batch * (basis * r * p_size + moments * r * kept * m_size)
     return total
+
+
+def _matrices(params: Any, targets: Targets, dims: Any, method: str):
+    """Yields ``(leaf, plan)`` per leaf; ``plan`` is ``None`` or ``(batch, d_in, d_out)``."""
+    mask = jax.tree.leaves(resolve(targets, params, method=method))
+    dims_list = jax.tree.structure(params).flatten_up_to(resolve_dims(dims, params))
+    for leaf, selected, d in zip(jax.tree.leaves(params), mask, dims_list, strict=True):
+        shape = tuple(np.shape(leaf))
+        if not selected or d is None:
+            yield leaf, None
+            continue
+        d = d.normalize(len(shape))
+        n_in, n_out = shape[d.in_axis], shape[d.out_axis]
+        yield leaf, (int(math.prod(shape)) // (n_in * n_out), n_in, n_out)
+
+
+def _size(leaf: Any) -> int:
+    return int(math.prod(np.shape(leaf)))
+
+
+def fira_bytes(
+    params: Any,
+    *,
+    rank: int,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    dtype: Any = None,
+    projector_dtype: Any = None,
+) -> int:
+    """Fira's state (paper Table 2): GaLore's ``P`` and two low-rank moments, plus one float32
+    limiter norm per targeted matrix (``2nr + mr + 1`` elements per ``m x n``, ``m <= n``)."""
+    n_matrices = sum(
+        plan[0] for _, plan in _matrices(params, targets, dims, "fira_bytes") if plan
+    )
+    return galore_bytes(
+        params, rank=rank, proj_type=proj_type, targets=targets, dims=dims, dtype=dtype,
+        projector_dtype=projector_dtype,
+    ) + 4 * n_matrices
+
+
+def apollo_bytes(
+    params: Any,
+    *,
+    rank: int,
+    proj: str = "random",
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    dtype: Any = None,
+    projector_dtype: Any = None,
+) -> int:
+    """APOLLO's state: two rank-``r`` moments and one float32 limiter norm per targeted matrix,
+    plus the stored ``P`` only with ``proj="svd"`` (a random ``P`` is regenerated from the key):
+    ``2·r·max(m, n) + 1`` elements per matrix (paper), ``+ r·min(m, n)`` with SVD; untargeted
+    leaves store two full moments. ``projector_dtype`` defaults to the parameter dtype."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "apollo_bytes"):
+        m_size = np.dtype(dtype or leaf.dtype).itemsize
+        if plan is None:
+            total += 2 * _size(leaf) * m_size
+            continue
+        batch, n_in, n_out = plan
+        r = min(rank, n_in, n_out)
+        side = projection.choose_side(proj_type, n_in, n_out)
+        basis, kept = (n_in, n_out) if side == "in" else (n_out, n_in)
+        p_size = np.dtype(projector_dtype or leaf.dtype).itemsize
+        stored = basis * r * p_size if proj == "svd" else 0
+        total += batch * (2 * r * kept * m_size + stored + 4)
+    return total
+
+
+def _quantized_bytes(size: int, block_size: int, min_8bit_size: int) -> int:
+    if size < min_8bit_size:
+        return 4 * size
+    return size + 4 * math.ceil(size / block_size)
+
+
+def adam8bit_bytes(params: Any, *, block_size: int = 256, min_8bit_size: int = 4096) -> int:
+    """8-bit Adam's two moments: per element one byte, per ``block_size`` block one float32
+    scale; leaves under ``min_8bit_size`` elements keep float32 moments."""
+    return sum(
+        2 * _quantized_bytes(_size(x), block_size, min_8bit_size) for x in jax.tree.leaves(params)
+    )
+
+
+def galore8bit_bytes(
+    params: Any,
+    *,
+    rank: int,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    projector_dtype: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> int:
+    """8-bit GaLore: ``P`` plus two 8-bit low-rank moments per targeted matrix (each
+    ``r x max(m, n)`` moment quantized as one block-wise tensor); 8-bit moments elsewhere."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "galore8bit_bytes"):
+        if plan is None:
+            total += 2 * _quantized_bytes(_size(leaf), block_size, min_8bit_size)
+            continue
+        batch, n_in, n_out = plan
+        r = min(rank, n_in, n_out)
+        side = projection.choose_side(proj_type, n_in, n_out)
+        basis = {"in": n_in, "out": n_out, "both": n_in + n_out}[side]
+        kept = {"in": n_out, "out": n_in, "both": r}[side]
+        p_size = np.dtype(projector_dtype or leaf.dtype).itemsize
+        moment = _quantized_bytes(batch * r * kept, block_size, min_8bit_size)
+        total += batch * basis * r * p_size + 2 * moment
+    return total
+
+
+def lisa_bytes(
+    params: Any,
+    *,
+    n_active: int,
+    layer_bytes: Any = None,
+    always_bytes: Any = None,
+    layer_pattern: str | None = None,
+    stacked_pattern: str | None = "default",
+    always_active: Targets = None,
+) -> int:
+    """LISA's state: the inner state of ``n_active`` layers plus that of the always-active leaves
+    (and ``n_active`` int32 indices). Nothing for the other ``L - n_active`` layers.
+
+    Args:
+      params: parameters (arrays or ``ShapeDtypeStruct``).
+      n_active: active layers.
+      layer_bytes: ``tree -> bytes`` of the inner state over the active-layer slots (default
+        :func:`adamw_bytes`; e.g. ``lambda t: galore_bytes(t, rank=256)`` for OwLore).
+      always_bytes: the same for the always-active leaves (default: ``layer_bytes``).
+      layer_pattern, stacked_pattern, always_active: as :func:`lowrank_jax.lisa` (defaults
+        the same).
+    """
+    from lowrank_jax.transforms.lisa import LAYER_PATTERN, STACKED_PATTERN, lisa_trees, partition
+
+    layer_bytes = layer_bytes or adamw_bytes
+    always_bytes = always_bytes or layer_bytes
+    part = partition(
+        params,
+        layer_pattern=layer_pattern or LAYER_PATTERN,
+        stacked_pattern=STACKED_PATTERN if stacked_pattern == "default" else stacked_pattern,
+        always_active=always_active,
+        method="lisa_bytes",
+    )
+    slots, always = lisa_trees(part, params, n_active)
+    return layer_bytes(slots) + always_bytes(always) + 4 * n_active
 
 
 def human(n_bytes: float) -> str:

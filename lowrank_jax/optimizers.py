@@ -13,14 +13,31 @@ import jax
 import optax
 
 from lowrank_jax.targets import Targets
+from lowrank_jax.transforms._adaptive import AdaptiveRefresh
+from lowrank_jax.transforms._norm_scaling import scale_by_adam_bias_correction
+from lowrank_jax.transforms.apollo import apollo
+from lowrank_jax.transforms.fira import fira
 from lowrank_jax.transforms.galore import galore
+from lowrank_jax.transforms.lisa import LAYER_PATTERN, STACKED_PATTERN, lisa
+from lowrank_jax.transforms.quantized import scale_by_adam_8bit
 from lowrank_jax.transforms.torch_style import (
     decoupled_weight_decay,
     scale_by_adafactor_hf,
     scale_by_adam_hf,
 )
 
-__all__ = ["adamw_hf", "galore_adafactor", "galore_adamw"]
+__all__ = [
+    "adamw_8bit",
+    "adamw_hf",
+    "apollo_adamw",
+    "apollo_mini",
+    "fira_adamw",
+    "galore_adafactor",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "lisa_adamw",
+    "owlore_adamw",
+]
 
 
 def adamw_hf(
@@ -64,6 +81,7 @@ def galore_adamw(
     projector_dtype: Any = None,
     mu_dtype: Any = None,
     seed: int = 0,
+    adaptive_refresh: AdaptiveRefresh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore-AdamW, reproducing galore-torch 1.0 ``GaLoreAdamW`` exactly.
 
@@ -82,7 +100,7 @@ def galore_adamw(
     Args:
       learning_rate: scalar or schedule ``η``.
       rank, update_proj_gap, scale, proj_type, targets, dims, basis, on_refresh,
-        projector_dtype, seed: see :func:`lowrank_jax.galore`.
+        projector_dtype, seed, adaptive_refresh: see :func:`lowrank_jax.galore`.
       b1, b2, eps: Adam constants (reference defaults; ``eps`` is added before bias correction).
       weight_decay: ``λ`` (reference default 0).
       weight_decay_mask: leaves to decay (default: all, as the reference).
@@ -113,6 +131,7 @@ def galore_adamw(
             on_refresh=on_refresh,
             projector_dtype=projector_dtype,
             seed=seed,
+            adaptive_refresh=adaptive_refresh,
         ),
         optax.scale_by_learning_rate(learning_rate),
         decoupled_weight_decay(
@@ -180,4 +199,504 @@ def galore_adafactor(
         decoupled_weight_decay(
             learning_rate, weight_decay, after_update=False, mask=weight_decay_mask
         ),
+    )
+
+
+def fira_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 1.0,
+    limiter: float | None = 1.01,
+    variant: str = "code",
+    scale_type: str = "channel",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    basis: str = "svd",
+    on_refresh: str = "keep",
+    projector_dtype: Any = None,
+    mu_dtype: Any = None,
+    seed: int = 0,
+    adaptive_refresh: AdaptiveRefresh | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Fira-AdamW, reproducing the ``fira`` package's ``FiraAdamW`` exactly (``variant="code"``).
+
+    HF-style Adam in GaLore's subspace, plus the residual scaled by
+    :math:`\phi_k = \|N_k\|/\|R_k\|` and norm-growth limited (:func:`lowrank_jax.fira`):
+
+    .. math::
+        W \leftarrow \bigl(W - \eta\,c_t\,(\alpha P N + \mathrm{limit}(\phi \odot (G - \alpha P R)))
+        \bigr)(1 - \eta\lambda),\qquad c_t = \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+
+    with :math:`N = M/(\sqrt V + \epsilon)` uncorrected, as the reference. ``variant="paper"``
+    uses the paper's :math:`\alpha(PN + \mathrm{limit}(\phi \odot (G - PR)))` with a
+    bias-corrected :math:`N` (so :math:`\phi` sees the corrected ratio). Untargeted leaves get
+    the same Adam at full shape; decay as :func:`galore_adamw`.
+
+    Args:
+      learning_rate: scalar or schedule ``η``.
+      rank: ``r`` (package default 8; the paper's scripts: 128 at 60M ... 512 at 1B).
+      update_proj_gap: ``T`` (200).
+      scale: ``α`` (package default 1.0; scripts: 0.25 below 1B, 0.0625 at 1B/7B).
+      limiter, variant, scale_type: see :func:`lowrank_jax.fira`.
+      b1, b2, eps: Adam constants (HF-style ``eps`` before bias correction).
+      weight_decay, weight_decay_mask: decoupled decay of the updated weights (default 0).
+      proj_type, targets, dims, basis, on_refresh, projector_dtype, seed, adaptive_refresh: see
+        :func:`lowrank_jax.galore`.
+      mu_dtype: optional first-moment dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> params = {"w": jnp.ones((16, 8))}
+      >>> tx = lr.fira_adamw(1e-2, rank=4)
+      >>> updates, _ = tx.update({"w": jnp.ones((16, 8))}, tx.init(params), params)
+      >>> updates["w"].shape
+      (16, 8)
+
+    References:
+      Chen et al., "Fira", NeurIPS 2025, Algorithm 1; ``fira`` 1.0.2 ``FiraAdamW``.
+    """
+    code = variant == "code"
+    return optax.chain(
+        fira(
+            scale_by_adam_hf(b1, b2, eps, correct_bias=not code, mu_dtype=mu_dtype),
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            limiter=limiter,
+            variant=variant,
+            scale_type=scale_type,
+            proj_type=proj_type,
+            basis=basis,
+            targets=targets,
+            dims=dims,
+            on_refresh=on_refresh,
+            projector_dtype=projector_dtype,
+            seed=seed,
+            adaptive_refresh=adaptive_refresh,
+        ),
+        scale_by_adam_bias_correction(b1, b2) if code else optax.identity(),
+        optax.scale_by_learning_rate(learning_rate),
+        decoupled_weight_decay(
+            learning_rate, weight_decay, after_update=True, mask=weight_decay_mask
+        ),
+    )
+
+
+def apollo_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 256,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 1.0,
+    scale_type: str = "channel",
+    proj: Any = "random",
+    limiter: float | None = 1.01,
+    scale_front: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    projector_dtype: Any = None,
+    mu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""APOLLO-AdamW, reproducing apollo-torch 1.0.3 ``APOLLOAdamW`` (same projection given).
+
+    Adam moments of a random rank-``r`` projection estimate a per-channel gain ``s``; the raw
+    gradient is scaled by it, norm-growth limited and multiplied by :math:`\sqrt{c}`
+    (:func:`lowrank_jax.apollo`):
+
+    .. math::
+        W \leftarrow \bigl(W - \eta\,c_t\,\sqrt{c}\;\mathrm{limit}(s \odot G)\bigr)
+        (1 - \eta\lambda),\qquad s_k = \frac{\|N_k\|}{\|R_k\| + 10^{-8}}
+
+    Untargeted leaves get HF-style AdamW. The projection is regenerated from the state's key
+    (not stored) with ``proj="random"``; torch's generator cannot be reproduced, so parity is
+    for ``proj="svd"`` or an injected ``proj`` callable.
+
+    Args:
+      learning_rate: scalar or schedule.
+      rank: ``r`` (README: 256 at 1B/7B; scripts use d/4).
+      update_proj_gap: ``T`` (200 in the pretraining scripts).
+      scale: ``c`` (the update is multiplied by :math:`\sqrt c`; 1 for APOLLO).
+      scale_type, proj, limiter, scale_front, proj_type, targets, dims, projector_dtype, seed:
+        see :func:`lowrank_jax.apollo`.
+      b1, b2, eps: Adam constants of the auxiliary moments (HF-style ``eps``).
+      weight_decay, weight_decay_mask: decoupled decay of the updated weights (default 0).
+      mu_dtype: optional first-moment dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> params = {"w": jnp.ones((16, 8))}
+      >>> tx = lr.apollo_adamw(1e-2, rank=4)
+      >>> updates, _ = tx.update({"w": jnp.ones((16, 8))}, tx.init(params), params)
+      >>> updates["w"].shape
+      (16, 8)
+
+    References:
+      Zhu et al., "APOLLO", MLSys 2025; apollo-torch 1.0.3 ``APOLLOAdamW``.
+    """
+    return optax.chain(
+        apollo(
+            scale_by_adam_hf(b1, b2, eps, correct_bias=False, mu_dtype=mu_dtype),
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            scale_type=scale_type,
+            proj=proj,
+            limiter=limiter,
+            scale_front=scale_front,
+            proj_type=proj_type,
+            targets=targets,
+            dims=dims,
+            projector_dtype=projector_dtype,
+            seed=seed,
+        ),
+        scale_by_adam_bias_correction(b1, b2),
+        optax.scale_by_learning_rate(learning_rate),
+        decoupled_weight_decay(
+            learning_rate, weight_decay, after_update=True, mask=weight_decay_mask
+        ),
+    )
+
+
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 1,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 128.0,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    r"""APOLLO-Mini: rank-1 random projection and one gain per matrix (``scale_type="tensor"``).
+
+    .. math::
+        W \leftarrow W - \eta\,c_t\,\sqrt{128}\;\mathrm{limit}\Bigl(
+        \frac{\|N\|_F}{\|R\|_F + 10^{-8}}\,G\Bigr)
+
+    The state per ``m × n`` matrix is ``2·max(m, n)`` moment entries plus one norm (the
+    projection is regenerated): SGD-like memory.
+
+    Args:
+      learning_rate: scalar or schedule.
+      rank: 1 (the README's Mini).
+      update_proj_gap: ``T`` (200).
+      scale: ``c`` = 128 (README), i.e. the paper's :math:`\alpha = \sqrt{128}`.
+      **kwargs: any other argument of :func:`apollo_adamw`.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> state = lr.apollo_mini(1e-2).init({"w": jnp.ones((16, 8))})
+      >>> state[0].lowrank_state.mu["w"].shape  # (in, out) = (16, 8): the out axis -> rank 1
+      (16, 1)
+
+    References:
+      Zhu et al., "APOLLO", MLSys 2025, §4 (APOLLO-Mini).
+    """
+    kwargs.setdefault("scale_type", "tensor")
+    return apollo_adamw(
+        learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, **kwargs
+    )
+
+
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    weight_decay_mask: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantization: str = "dynamic",
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdamW with block-wise 8-bit moments, like bitsandbytes ``AdamW8bit``.
+
+    .. math::
+        W \leftarrow W(1 - \eta\lambda) - \eta\,\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+
+    with :math:`m, v` stored as 8-bit codes plus one float32 scale per ``block_size`` elements
+    (:func:`lowrank_jax.scale_by_adam_8bit`); decay as ``torch.optim.AdamW`` (on the weights
+    before the update, as optax's ``adamw``). Defaults are bitsandbytes' (``weight_decay=1e-2``).
+
+    Args:
+      learning_rate: scalar or schedule.
+      b1, b2, eps: Adam constants (``eps`` after bias correction).
+      weight_decay, weight_decay_mask: decoupled decay (``optax.add_decayed_weights``).
+      block_size, min_8bit_size, quantization: see :func:`lowrank_jax.scale_by_adam_8bit`.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> state = lr.adamw_8bit(1e-3).init({"w": jnp.zeros((256, 64))})
+      >>> state[0].nu["w"].codes.dtype
+      dtype('uint8')
+
+    References:
+      Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
+    """
+    return optax.chain(
+        scale_by_adam_8bit(
+            b1,
+            b2,
+            eps,
+            block_size=block_size,
+            min_8bit_size=min_8bit_size,
+            quantization=quantization,
+        ),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    weight_decay_mask: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantization: str = "dynamic",
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    basis: str = "svd",
+    projector_dtype: Any = None,
+    seed: int = 0,
+    adaptive_refresh: AdaptiveRefresh | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""8-bit GaLore: 8-bit Adam on the projected gradient, like galore-torch ``GaLoreAdamW8bit``.
+
+    .. math::
+        W \leftarrow \bigl(W - \eta\,\alpha\,P\,\mathrm{Adam8bit}(P^\top G)\bigr)(1 - \eta\lambda)
+
+    The low-rank moments are block-wise 8-bit (those under ``min_8bit_size`` elements stay
+    float32, as bitsandbytes does); untargeted leaves get 8-bit Adam at full shape. The decay
+    multiplies the *updated* weights, as the reference (which stashes the group's decay and
+    applies it after the projected update). Defaults are the reference's
+    (``eps=1e-8``, ``weight_decay=1e-2``).
+
+    Args:
+      learning_rate: scalar or schedule.
+      rank, update_proj_gap, scale, proj_type, targets, dims, basis, projector_dtype, seed,
+        adaptive_refresh: see :func:`lowrank_jax.galore`.
+      b1, b2, eps: Adam constants (``eps`` after bias correction, as bitsandbytes).
+      weight_decay, weight_decay_mask: decoupled decay of the updated weights.
+      block_size, min_8bit_size, quantization: see :func:`lowrank_jax.scale_by_adam_8bit`.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> state = lr.galore_adamw_8bit(1e-3, rank=64).init({"w": jnp.zeros((256, 1024))})
+      >>> state[0].lowrank_state.mu["w"].codes.shape
+      (64, 1024)
+
+    References:
+      Zhao et al., "GaLore", ICML 2024, §4.3 (8-bit GaLore); galore-torch ``GaLoreAdamW8bit``.
+    """
+    return optax.chain(
+        galore(
+            scale_by_adam_8bit(
+                b1,
+                b2,
+                eps,
+                block_size=block_size,
+                min_8bit_size=min_8bit_size,
+                quantization=quantization,
+            ),
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            basis=basis,
+            targets=targets,
+            dims=dims,
+            projector_dtype=projector_dtype,
+            seed=seed,
+            adaptive_refresh=adaptive_refresh,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+        decoupled_weight_decay(
+            learning_rate, weight_decay, after_update=True, mask=weight_decay_mask
+        ),
+    )
+
+
+def lisa_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    n_active: int = 2,
+    interval: int | jax.Array = 20,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    layer_pattern: str = LAYER_PATTERN,
+    stacked_pattern: str | None = STACKED_PATTERN,
+    always_active: Targets = None,
+    probs: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""LISA with AdamW: ``n_active`` sampled layers plus embedding/norm/head (LMFlow defaults).
+
+    .. math::
+        W_\ell \leftarrow W_\ell(1 - \eta\lambda) - \eta\,\mathrm{Adam}(G_\ell)
+        \ \ (\ell \in A_t \text{ or always active}),\qquad W_\ell \text{ unchanged otherwise}
+
+    The AdamW of LMFlow's trainer (``torch.optim.AdamW``: ``eps`` after bias correction, decay
+    on the weights before the update), so it equals ``optax.adamw`` on the trained leaves. The
+    moments and step count of the layers restart at every resampling; those of the
+    always-active leaves never do; the learning-rate schedule follows the global step.
+
+    Args:
+      learning_rate: scalar or schedule.
+      n_active, interval, layer_pattern, stacked_pattern, always_active, probs, seed: see
+        :func:`lowrank_jax.lisa` (LMFlow: 2 layers, interval 20).
+      b1, b2, eps: Adam constants.
+      weight_decay: decoupled decay of the trained leaves only (frozen layers never change).
+      weight_decay_mask: ``None`` or a callable ``params -> bool tree`` (it is called on the
+        active-layer slots and on the always-active leaves separately).
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> params = {"layers": {str(i): {"w": jnp.ones((4, 4))} for i in range(4)}}
+      >>> tx = lr.lisa_adamw(1e-3, n_active=1)
+      >>> updates, state = tx.update(params, tx.init(params), params)
+      >>> sum(bool((u["w"] != 0).any()) for u in updates["layers"].values())
+      1
+
+    References:
+      Pan et al., "LISA", NeurIPS 2024; LMFlow ``DynamicLayerActivationCallback``.
+    """
+    adam = optax.scale_by_adam(b1, b2, eps)
+    if weight_decay_mask is not None and not callable(weight_decay_mask):
+        raise ValueError(
+            "lisa_adamw: weight_decay_mask must be None or a callable params -> bool tree (it "
+            "is applied to the active-layer slots and the other leaves separately)."
+        )
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+        inner = adam
+    else:
+        inner = optax.chain(adam, optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    return optax.chain(
+        lisa(
+            inner,
+            n_active=n_active,
+            interval=interval,
+            layer_pattern=layer_pattern,
+            stacked_pattern=stacked_pattern,
+            always_active=always_active,
+            probs=probs,
+            seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def owlore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    probs: Any,
+    n_active: int = 5,
+    interval: int | jax.Array = 50,
+    rank: int = 256,
+    update_proj_gap: int | jax.Array = 100,
+    scale: float | jax.Array = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    basis: str = "svd",
+    layer_pattern: str = LAYER_PATTERN,
+    stacked_pattern: str | None = STACKED_PATTERN,
+    always_active: Targets = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""OwLore: LISA sampling by outlier scores, with GaLore-AdamW on the sampled layers.
+
+    ``lisa(galore(scale_by_adam_hf()), probs=probs)``: every ``interval`` steps ``n_active``
+    layers are drawn with probabilities ``probs`` (from
+    :func:`lowrank_jax.transforms.owl_probabilities` of
+    :func:`~lowrank_jax.transforms.outlier_scores`); their targeted matrices get GaLore-AdamW
+    (moments in rank ``r``), everything else in them and the always-active leaves get the same
+    Adam at full shape. A layer's GaLore state (projectors included) restarts when it is
+    sampled, so its projector is recomputed on its first step (OwLore's code keeps stale
+    state and per-layer step counts; see :func:`lowrank_jax.lisa`).
+
+    .. math::
+        W_\ell \leftarrow W_\ell(1 - \eta\lambda) - \eta\,\alpha\,P\,\mathrm{Adam}(P^\top G_\ell)
+        \quad (\ell \in A_t,\ A_t \sim \mathrm{probs})
+
+    Decay, when set, is applied to the weights before the update (the reference GaLoreAdamW
+    decays the updated weights: a difference of :math:`O(\eta^2\lambda)`; OwLore uses 0).
+
+    Args:
+      learning_rate: scalar or schedule (OwLore script: 3e-4).
+      probs: ``L`` sampling weights (required).
+      n_active, interval: OwLore script: 5 layers every 50 steps.
+      rank, update_proj_gap, scale: OwLore's code: 256, 100, 1.0.
+      b1, b2, eps: HF-style Adam constants (galore-torch).
+      weight_decay, weight_decay_mask: as :func:`lisa_adamw`.
+      proj_type, targets, dims, basis: see :func:`lowrank_jax.galore` (targets are matched on
+        the active-layer slots, ``layers/0/...``).
+      layer_pattern, stacked_pattern, always_active, seed: see :func:`lowrank_jax.lisa`.
+
+    References:
+      Li et al., "OwLore: Outlier-weighed Layerwise Sampled Low-Rank Projection for
+      Memory-Efficient LLM Fine-tuning", 2024. https://arxiv.org/abs/2405.18380
+    """
+    if weight_decay_mask is not None and not callable(weight_decay_mask):
+        raise ValueError("owlore_adamw: weight_decay_mask must be None or a callable.")
+
+    def decayed(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+        if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+            return tx
+        return optax.chain(tx, optax.add_decayed_weights(weight_decay, weight_decay_mask))
+
+    layer_inner = galore(
+        scale_by_adam_hf(b1, b2, eps),
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        basis=basis,
+        targets=targets,
+        dims=dims,
+        seed=seed,
+    )
+    return optax.chain(
+        lisa(
+            decayed(layer_inner),
+            n_active=n_active,
+            interval=interval,
+            layer_pattern=layer_pattern,
+            stacked_pattern=stacked_pattern,
+            always_active=always_active,
+            always_active_inner=decayed(scale_by_adam_hf(b1, b2, eps)),
+            probs=probs,
+            seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
     )

@@ -265,6 +265,8 @@ class ProjectedCore:
         grads = [to_canonical(g, p.dims) if p else g for p, g in zip(plans, leaves)]
         refresh = count % self.update_proj_gap == 0
         refresh_key = jax.random.fold_in(wrap_key(key), count)
+        # With basis_fn or adaptive_refresh the projectors are final after this block.
+        done = self.basis_fn is not None or self.adaptive_refresh is not None
         if self.basis_fn is not None:
             # Regenerated, not stored: the key of the current period's refresh step.
             period_key = jax.random.fold_in(wrap_key(key), count - count % self.update_proj_gap)
@@ -272,12 +274,11 @@ class ProjectedCore:
                 self.basis_fn(p, jax.random.fold_in(period_key, i)) if p else MaskedNode()
                 for i, p in enumerate(plans)
             ]
-            refresh_key = None
         elif self.adaptive_refresh is not None:
             old, refresh_state, refresh = self._adaptive_step(
                 plans, grads, old, count, refresh_key, treedef.flatten_up_to(refresh_state)
             )
-            refresh_state, refresh_key = treedef.unflatten(refresh_state), None
+            refresh_state = treedef.unflatten(refresh_state)
 
         def new_projectors() -> list:
             return [
@@ -285,7 +286,7 @@ class ProjectedCore:
                 for i, (p, g, q) in enumerate(zip(plans, grads, old))
             ]
 
-        if refresh_key is None:  # regenerated or refreshed per matrix above
+        if done:
             new_projectors = old
             if self.on_refresh == "reset":
                 template = self._lowrank_template(treedef, leaves, plans)

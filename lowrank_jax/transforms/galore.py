@@ -9,6 +9,7 @@ import optax
 
 from lowrank_jax import projection
 from lowrank_jax.targets import Targets
+from lowrank_jax.transforms._adaptive import AdaptiveRefresh
 from lowrank_jax.transforms._common import safe_increment
 from lowrank_jax.transforms._lowrank import ProjectedCore
 
@@ -26,6 +27,9 @@ class GaLoreState(NamedTuple):
         (``optax.MaskedNode()`` elsewhere). Bases are ``(..., dim, r)``.
       lowrank_state: the inner transformation's state over the projected gradients.
       fullrank_state: the inner transformation's state over the untargeted leaves.
+      refresh_state: with ``adaptive_refresh``, a per-leaf
+        :class:`~lowrank_jax.transforms.RefreshState` (per-matrix gaps and SVD counts);
+        ``None`` otherwise.
     """
 
     count: jax.Array
@@ -33,6 +37,7 @@ class GaLoreState(NamedTuple):
     projectors: Any
     lowrank_state: Any
     fullrank_state: Any
+    refresh_state: Any = None
 
 
 def galore(
@@ -48,6 +53,7 @@ def galore(
     on_refresh: str = "keep",
     projector_dtype: Any = None,
     seed: int = 0,
+    adaptive_refresh: AdaptiveRefresh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs ``inner`` on low-rank projections of the targeted gradients (GaLore).
 
@@ -86,6 +92,12 @@ def galore(
       projector_dtype: dtype of the stored bases; ``None`` keeps the gradient dtype, as
         galore-torch does. Decompositions always run in float32.
       seed: seed of the key for ``basis="randomized" | "random"``.
+      adaptive_refresh: Q-GaLore's lazy refresh, e.g. ``AdaptiveRefresh(threshold=0.4)``: each
+        matrix has its own gap (starting at ``update_proj_gap``) that doubles once the mean
+        cosine similarity of its first basis vector over the last ``queue_size`` refreshes
+        reaches ``threshold``; matrices that are not due compute no SVD.
+        :func:`~lowrank_jax.transforms.svd_count` reads how many were computed. ``None``
+        (default) refreshes every matrix every ``update_proj_gap`` steps.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`GaLoreState`.
@@ -114,10 +126,11 @@ def galore(
         on_refresh=on_refresh,
         projector_dtype=projector_dtype,
         seed=seed,
+        adaptive_refresh=adaptive_refresh,
     )
 
     def init_fn(params: Any) -> GaLoreState:
-        return GaLoreState(*core.init(params))
+        return GaLoreState(*core.init(params), refresh_state=core.init_refresh(params))
 
     def update_fn(
         updates: Any, state: GaLoreState, params: Any = None, **extra_args: Any
@@ -130,6 +143,7 @@ def galore(
             state.lowrank_state,
             state.fullrank_state,
             params,
+            refresh_state=state.refresh_state,
             **extra_args,
         )
 
@@ -144,6 +158,7 @@ def galore(
             projectors=core.projectors_tree(step),
             lowrank_state=step.lowrank_state,
             fullrank_state=step.fullrank_state,
+            refresh_state=step.refresh_state,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
