@@ -35,6 +35,7 @@ __all__ = [
     "BASIS_KINDS",
     "PROJ_TYPES",
     "Projector",
+    "canonical_signs",
     "choose_side",
     "compute_projector",
     "identity_projector",
@@ -221,9 +222,21 @@ def compute_projector(
     else:
         raise ValueError(f"basis must be one of {BASIS_KINDS}, got {basis!r}.")
     return Projector(
-        in_basis=u.astype(dtype) if side != "out" else None,
-        out_basis=v.astype(dtype) if side != "in" else None,
+        in_basis=canonical_signs(u).astype(dtype) if side != "out" else None,
+        out_basis=canonical_signs(v).astype(dtype) if side != "in" else None,
     )
+
+
+def canonical_signs(basis: jax.Array) -> jax.Array:
+    """Flips each column so that its largest-magnitude entry is positive.
+
+    Singular vectors are defined up to sign, and LAPACK, cuSOLVER, XLA's sharded programs and
+    the randomized range finder each pick their own. Within one refresh period GaLore's update
+    does not depend on the signs, but moments carried across a refresh do; fixing the signs
+    makes a run independent of the backend and of how the gradient is sharded.
+    """
+    pivot = jnp.take_along_axis(basis, jnp.argmax(jnp.abs(basis), axis=-2)[..., None, :], -2)
+    return basis * jnp.where(pivot < 0, -1.0, 1.0).astype(basis.dtype)
 
 
 def identity_projector(

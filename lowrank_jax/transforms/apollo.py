@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_jax.projection import Projector
+from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
 from lowrank_jax.train.registry import register_optimizer
 from lowrank_jax.transforms._common import MaskedNode, safe_increment
@@ -222,7 +223,7 @@ def apollo(
             limiter_norms=step.treedef.unflatten(norms) if limiter is not None else None,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def _registry_factory(args: Any, mini: bool = False) -> optax.GradientTransformation:

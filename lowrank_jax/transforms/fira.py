@@ -8,6 +8,7 @@ import jax
 import optax
 
 from lowrank_jax import projection
+from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
 from lowrank_jax.train.registry import register_optimizer
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
@@ -197,7 +198,7 @@ def fira(
             refresh_state=step.refresh_state,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def _registry_factory(args: Any) -> optax.GradientTransformation:

@@ -8,6 +8,7 @@ import jax
 import optax
 
 from lowrank_jax import projection
+from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
 from lowrank_jax.transforms._common import safe_increment
@@ -161,4 +162,4 @@ def galore(
             refresh_state=step.refresh_state,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))

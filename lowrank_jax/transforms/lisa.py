@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets, path_str, resolve
 from lowrank_jax.train.registry import register_optimizer
 from lowrank_jax.transforms._common import MaskedNode, new_key, safe_increment, wrap_key
@@ -410,7 +411,7 @@ def lisa(
             always_state=always_state,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def _registry_factory(args: Any) -> optax.GradientTransformation:

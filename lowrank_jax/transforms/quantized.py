@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank_jax import kernels
+from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.train.registry import register_optimizer
 from lowrank_jax.transforms._common import safe_increment
 
@@ -247,16 +249,19 @@ def scale_by_adam_8bit(
         correction1, correction2 = 1 - b1**t, 1 - b2**t
 
         def leaf(g: jax.Array, m: Any, v: Any) -> tuple[jax.Array, Any, Any]:
-            quantized = isinstance(m, QuantizedArray)
-            m32 = dequantize_blockwise(m, block_size, **first) if quantized else m
-            v32 = dequantize_blockwise(v, block_size, **second) if quantized else v
+            if isinstance(m, QuantizedArray):  # one fused pass: Pallas on GPU/TPU, else jnp
+                return _Out(
+                    *kernels.adam_8bit_update(
+                        g, m, v, b1=b1, b2=b2, eps=eps, correction1=correction1,
+                        correction2=correction2, block_size=block_size,
+                        quantization=quantization,
+                    )
+                )
+            # small leaves keep float32 moments
             g32 = g.astype(jnp.float32)
-            m32 = b1 * m32 + (1 - b1) * g32
-            v32 = b2 * v32 + (1 - b2) * jnp.square(g32)
+            m32 = b1 * m + (1 - b1) * g32
+            v32 = b2 * v + (1 - b2) * jnp.square(g32)
             u = (m32 / correction1) / (jnp.sqrt(v32 / correction2) + eps)
-            if quantized:
-                m32 = quantize_blockwise(m32, block_size, **first)
-                v32 = quantize_blockwise(v32, block_size, **second)
             return _Out(u.astype(g.dtype), m32, v32)
 
         is_q = lambda x: isinstance(x, QuantizedArray)
@@ -265,7 +270,7 @@ def scale_by_adam_8bit(
         pick = lambda i: jax.tree.map(lambda o: o[i], outs, is_leaf=is_out)
         return pick(0), ScaleByAdam8bitState(count, pick(1), pick(2))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 class _Out(NamedTuple):
