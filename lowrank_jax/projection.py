@@ -111,12 +111,35 @@ def project_back(n: jax.Array, proj: Projector) -> jax.Array:
     return n
 
 
+def _per_matrix(fn, *xs: jax.Array, broadcasts: bool = True):
+    """``fn`` (a LAPACK-backed ``jnp.linalg`` call) over the leading batch axes of ``xs``.
+
+    Normally ``fn`` broadcasts itself. On a CPU process with several (simulated) devices, a
+    batched LAPACK call fans its matrices out to the thread pool that all the devices share and
+    blocks on them; with 8 devices on a 2-core machine every pool thread ends up waiting and
+    the step deadlocks (jaxlib's ``ParallelBatchMap``; seen with batched ``gesdd``). There we
+    loop over the matrices with ``lax.map`` instead: the same per-matrix LAPACK calls, so the
+    results are identical, just not fanned out. ``broadcasts=False`` for an ``fn`` that takes
+    one matrix (it is ``vmap``-ed over the batch axes).
+    """
+    batch = xs[0].shape[:-2]
+    if not batch or jax.default_backend() != "cpu" or jax.local_device_count() == 1:
+        batched = fn
+        for _ in range(0 if broadcasts else len(batch)):
+            batched = jax.vmap(batched)
+        return batched(*xs)
+    flat = [x.reshape(-1, *x.shape[-2:]) for x in xs]
+    out = jax.lax.map(lambda args: fn(*args), flat)
+    return jax.tree.map(lambda y: y.reshape(*batch, *y.shape[1:]), out)
+
+
 def svd_basis(g: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """Top-``rank`` left and right singular vectors of ``g`` by an exact float32 SVD.
 
     Returns ``(U[..., :, :rank], V[..., :, :rank])``: ``U`` spans the in axis, ``V`` the out axis.
     """
-    u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+    u, _, vh = _per_matrix(lambda m: jnp.linalg.svd(m, full_matrices=False),
+                           g.astype(jnp.float32))
     return u[..., :rank], _t(vh[..., :rank, :])
 
 
@@ -125,10 +148,8 @@ def _lu_normalize(y: jax.Array) -> jax.Array:
 
     It always has full column rank (a unit-diagonal block), even when ``y`` does not.
     """
-    lower = lambda m: jax.scipy.linalg.lu(m, permute_l=True)[0]
-    for _ in range(y.ndim - 2):  # jax.scipy.linalg.lu takes one matrix
-        lower = jax.vmap(lower)
-    return lower(y)
+    # jax.scipy.linalg.lu takes one matrix
+    return _per_matrix(lambda m: jax.scipy.linalg.lu(m, permute_l=True)[0], y, broadcasts=False)
 
 
 def _orthonormalize(y: jax.Array) -> jax.Array:
@@ -140,8 +161,9 @@ def _orthonormalize(y: jax.Array) -> jax.Array:
     or Gaussian blocks, which stay well below that.
     """
     for _ in range(2):
-        chol = jnp.linalg.cholesky(_t(y) @ y)
-        y = _t(jax.scipy.linalg.solve_triangular(chol, _t(y), lower=True))
+        chol = _per_matrix(jnp.linalg.cholesky, _t(y) @ y)
+        y = _t(_per_matrix(lambda c, b: jax.scipy.linalg.solve_triangular(c, b, lower=True),
+                           chol, _t(y)))
     return y
 
 
@@ -173,7 +195,7 @@ def randomized_svd(
         y = g @ _lu_normalize(_t(g) @ _lu_normalize(y))
     q = _orthonormalize(_lu_normalize(y))
     b = _t(q) @ g  # (k, out)
-    eigvals, eigvecs = jnp.linalg.eigh(b @ _t(b))  # ascending
+    eigvals, eigvecs = _per_matrix(jnp.linalg.eigh, b @ _t(b))  # ascending
     top = eigvecs[..., ::-1][..., :rank]
     u = q @ top
     # right vectors: Bᵀ w_i / σ_i, normalised (a zero σ leaves a zero column, never a NaN)
