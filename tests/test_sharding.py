@@ -81,10 +81,15 @@ METHODS = {
 
 
 def run(tx, params, grads):
-    state = tx.init(params)
-    for g in grads:
+    """``len(grads)`` steps of ``tx`` in one ``lax.scan`` (one compiled step body)."""
+
+    def step(carry, g):
+        params, state = carry
         updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
+        return (optax.apply_updates(params, updates), state), None
+
+    stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), stacked)
     return params
 
 

@@ -97,7 +97,8 @@ class Checkpointer:
         Args:
           step: which step.
           abstract_state: ``jax.eval_shape`` of the state (its structure, shapes, dtypes and
-            NamedTuple types are what is restored).
+            NamedTuple types are what is restored); leaves that carry a ``sharding`` are
+            restored straight into it, whatever mesh wrote the checkpoint.
           meta: this run's settings; every key saved with the checkpoint must be equal.
 
         Raises:
@@ -115,7 +116,12 @@ class Checkpointer:
                 + ", ".join(different)
             )
         target = {"train": abstract_state, "data": _data_tree(IteratorState(0, 0))}
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)
+            ),
+            target,
+        )
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))

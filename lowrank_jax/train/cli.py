@@ -48,11 +48,16 @@ _FLAGS = {
     "dtype": (str, "computation dtype: float32 or bfloat16"),
     "param_dtype": (str, "parameter dtype: float32 or bfloat16"),
     "stop_at": (int, "stop after this step as if preempted (to try --resume)"),
+    "mesh": (str, "shard over a FSDPxTP device mesh, e.g. 4x2, or auto (all devices on fsdp)"),
+    "coordinator": (str, "multi-process: HOST:PORT of process 0 (jax.distributed.initialize)"),
+    "num_processes": (int, "multi-process: how many processes"),
+    "process_id": (int, "multi-process: this process's index"),
 }
 _SWITCHES = {
     "resume": "continue from the latest checkpoint in --out",
     "scan_layers": "stack the layers and run them with lax.scan",
     "remat": "rematerialise layer activations in the backward pass",
+    "distributed": "call jax.distributed.initialize (multi-process; cluster auto-detection)",
 }
 
 

@@ -50,6 +50,14 @@ class RunConfig:
       stop_at: stop after this step as if preempted (tests and demos of ``resume``).
       optimizer_options: extra keyword arguments for the optimizer's factory, e.g.
         ``{"basis": "randomized"}`` (``--opt basis=randomized`` on the command line).
+      mesh: ``None`` (one device, no sharding), ``"FSDPxTP"`` (e.g. ``"4x2"``: parameters,
+        optimizer states and batches sharded over a ``fsdp x tensor`` mesh of all the devices
+        of all the processes) or ``"auto"`` (every device on the fsdp axis). Not part of a
+        checkpoint's identity: a run may resume on another mesh.
+      distributed: call ``jax.distributed.initialize`` first (multi-process training; on a
+        cluster JAX finds the coordinator itself, elsewhere give the next three).
+      coordinator, num_processes, process_id: ``jax.distributed.initialize`` arguments
+        (``coordinator`` implies ``distributed``).
     """
 
     model: str = "llama_20m"
@@ -84,6 +92,11 @@ class RunConfig:
     progress: bool = True
     stop_at: int | None = None
     optimizer_options: dict = dataclasses.field(default_factory=dict)
+    mesh: str | None = None
+    distributed: bool = False
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -135,7 +148,32 @@ class RunConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"--{name.replace('_', '-')} must be float32 or bfloat16")
+        self.mesh_shape  # noqa: B018 -- parses --mesh
+        if (self.num_processes is None) != (self.process_id is None):
+            raise ConfigError("--num-processes and --process-id go together")
+        if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(
+                f"--process-id must be in [0, {self.num_processes}), got {self.process_id!r}"
+            )
         return self
+
+    @property
+    def mesh_shape(self) -> tuple[int | None, int] | None:
+        """``(fsdp, tensor)`` from ``mesh`` (``fsdp=None``: all the devices), or ``None``.
+
+        Raises:
+          ConfigError: ``mesh`` is not ``"auto"`` or ``"FSDPxTP"`` with positive sizes.
+        """
+        if self.mesh is None:
+            return None
+        if self.mesh == "auto":
+            return None, 1
+        fsdp, sep, tensor = str(self.mesh).partition("x")
+        if sep and fsdp.isdigit() and tensor.isdigit() and int(fsdp) > 0 and int(tensor) > 0:
+            return int(fsdp), int(tensor)
+        raise ConfigError(
+            f"--mesh must be 'auto' or FSDPxTP with positive sizes (e.g. 4x2), got {self.mesh!r}"
+        )
 
     @property
     def warmup_steps(self) -> int:

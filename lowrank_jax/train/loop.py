@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lowrank_jax import memory
+from lowrank_jax import memory, sharding
 from lowrank_jax.data import (
     BatchIterator,
     IteratorState,
@@ -39,7 +42,7 @@ from lowrank_jax.data import (
 )
 from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train.checkpoint import Checkpointer
-from lowrank_jax.train.config import RunConfig
+from lowrank_jax.train.config import ConfigError, RunConfig
 from lowrank_jax.train.metrics import MetricsWriter, peak_memory, progress_bar
 from lowrank_jax.train.registry import OptimizerArgs, get_optimizer
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step, warmup_cosine
@@ -84,15 +87,68 @@ def _fingerprint(cfg: RunConfig, vocab_size: int) -> dict:
     return meta
 
 
-def _evaluate(eval_step: Callable, params: Any, val: np.ndarray, cfg: RunConfig) -> float:
+def _evaluate(
+    eval_step: Callable, params: Any, val: np.ndarray, cfg: RunConfig, place: Callable
+) -> float:
     """Mean validation loss over the first ``eval_batches * batch_size`` held-out sequences."""
     blocks = val[: cfg.eval_batches * cfg.batch_size]
     total, count = 0.0, 0
     for start in range(0, len(blocks), cfg.batch_size):
         batch = blocks[start : start + cfg.batch_size]
-        total += float(eval_step(params, jnp.asarray(batch))) * len(batch)
+        total += float(eval_step(params, place(batch))) * len(batch)
         count += len(batch)
     return total / count
+
+
+def _init_distributed(cfg: RunConfig) -> None:
+    """``jax.distributed.initialize`` for ``--distributed`` / ``--coordinator`` (once).
+
+    On the CPU, cross-process collectives go through gloo (JAX's CPU default has none).
+    """
+    if not (cfg.distributed or cfg.coordinator) or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = {
+        "coordinator_address": cfg.coordinator,
+        "num_processes": cfg.num_processes,
+        "process_id": cfg.process_id,
+    }
+    try:
+        jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+    except (RuntimeError, ValueError) as err:
+        raise TrainError(
+            f"jax.distributed.initialize failed: {str(err).strip().splitlines()[0][:300]} "
+            "(check --coordinator, --num-processes and --process-id, and that every process "
+            "was started)"
+        ) from None
+
+
+def _make_mesh(cfg: RunConfig) -> jax.sharding.Mesh | None:
+    """The run's ``fsdp x tensor`` mesh over every process's devices (``None``: one device)."""
+    shape = cfg.mesh_shape
+    if shape is None and jax.process_count() == 1:
+        return None
+    fsdp, tensor = shape or (None, 1)
+    try:
+        mesh = sharding.make_mesh(fsdp, tensor, explicit=False)
+    except ValueError as err:
+        raise ConfigError(f"--mesh {cfg.mesh}: {err}") from None
+    if cfg.batch_size % mesh.shape["fsdp"]:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be divisible by the mesh's fsdp size "
+            f"{mesh.shape['fsdp']} (each device takes an equal share of the batch)"
+        )
+    return mesh
+
+
+class _NoMetrics:
+    """What processes other than process 0 write metrics to."""
+
+    def write(self, record: dict) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
 
 
 def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
@@ -112,6 +168,10 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
         CLI reports without a traceback.
     """
     cfg.validate()
+    _init_distributed(cfg)
+    primary = jax.process_index() == 0
+    if not primary:
+        log = lambda line: None  # noqa: E731 -- process 0 reports
     entry = get_optimizer(cfg.optimizer)
     get_config(cfg.model)  # an unknown model fails before the data is read
     os.makedirs(cfg.out, exist_ok=True)
@@ -174,37 +234,120 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(jnp.int32(0), params, tx.init(params))
 
+    mesh = _make_mesh(cfg)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _run(
+            cfg,
+            entry,
+            tx,
+            init_state,
+            model_config,
+            dataset,
+            checkpointer,
+            latest,
+            schedule,
+            rank,
+            mesh,
+            primary,
+            log,
+        )
+
+
+def _shardings(tx: Any, abstract: TrainState, model_config: Any, mesh: Any) -> TrainState:
+    """A ``NamedSharding`` per leaf of the train state: LLaMA's partition rules for the
+    parameters, :func:`lowrank_jax.sharding.state_specs` for the optimizer state."""
+    model = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
+    param_specs = sharding.llama_param_specs(nnx.state(model, nnx.Param))
+    treedef = jax.tree.structure(abstract.params)
+    param_specs = treedef.unflatten(
+        [
+            sharding.fit_spec(leaf.shape, spec, mesh)
+            for leaf, spec in zip(
+                treedef.flatten_up_to(abstract.params), treedef.flatten_up_to(param_specs)
+            )
+        ]
+    )
+    specs = TrainState(
+        P(), param_specs, sharding.state_specs(tx, abstract.params, param_specs, mesh)
+    )
+    return sharding.named(specs, mesh)
+
+
+def _run(
+    cfg,
+    entry,
+    tx,
+    init_state,
+    model_config,
+    dataset,
+    checkpointer,
+    latest,
+    schedule,
+    rank,
+    mesh,
+    primary,
+    log,
+) -> dict:
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0))))
     abstract = jax.eval_shape(init_state)
-    meta = _fingerprint(cfg, tokenizer.vocab_size)
+    state_sharding = batch_sharding = None
+    if mesh is not None:
+        state_sharding = _shardings(tx, abstract, model_config, mesh)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract,
+            state_sharding,
+        )
+        batch_sharding = NamedSharding(mesh, P("fsdp"))
+
+    def place(batch: np.ndarray) -> jax.Array:
+        """A host batch (the same on every process) as a global array sharded over fsdp."""
+        if mesh is None:
+            return jnp.asarray(batch)
+        spec = P("fsdp") if len(batch) % mesh.shape["fsdp"] == 0 else P()
+        return jax.make_array_from_callback(
+            batch.shape, NamedSharding(mesh, spec), lambda index: batch[index]
+        )
+
+    meta = _fingerprint(cfg, model_config.vocab_size)
     if latest is not None:
         state, data_state = checkpointer.restore(latest, abstract, meta)
         log(f"resuming from {checkpointer.path(latest)} (step {latest})")
     else:
         if cfg.resume:
             log(f"no checkpoint in {checkpointer.directory}; starting from step 0")
-        state, data_state = jax.jit(init_state)(), IteratorState(0, 0)
+        state = jax.jit(init_state, out_shardings=state_sharding)()
+        data_state = IteratorState(0, 0)
     start = int(state.step)
     end = cfg.stop_at or cfg.steps
     if start >= end:
         raise TrainError(
             f"the run in {cfg.out} is already at step {start}; raise --steps to train further"
         )
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    if primary:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
 
-    train_step = make_train_step(graphdef, tx, grad_clip=cfg.grad_clip, schedule=schedule)
-    eval_step = make_eval_step(graphdef)
+    train_step = make_train_step(
+        graphdef,
+        tx,
+        grad_clip=cfg.grad_clip,
+        schedule=schedule,
+        state_sharding=state_sharding,
+        batch_sharding=batch_sharding,
+    )
+    eval_step = make_eval_step(graphdef, mesh)
     batches = BatchIterator(dataset.train, cfg.batch_size, cfg.seed, data_state)
-    metrics = MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    metrics = MetricsWriter(metrics_path, resume_step=start) if primary else _NoMetrics()
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = progress_bar(cfg.steps, start, cfg.progress)
+    bar = progress_bar(cfg.steps, start, cfg.progress and primary)
     timed_steps, timed_seconds = 0, 0.0
     loss, val_loss = float("nan"), None
     saved = checkpointer.path(latest) if latest is not None else None
     try:
         for step in range(start + 1, end + 1):
-            batch = jnp.asarray(next(batches))
+            batch = place(next(batches))
             began = time.perf_counter()
             state, out = train_step(state, batch)
             loss = float(out["loss"])
@@ -229,12 +372,13 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = _evaluate(eval_step, state.params, dataset.val, cfg)
+                val_loss = _evaluate(eval_step, state.params, dataset.val, cfg, place)
                 metrics.write(
                     {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))}
                 )
                 ppl = math.exp(min(val_loss, 700))
-                bar.write(f"step {step}: val_loss {val_loss:.4f}, val_ppl {ppl:.2f}")
+                if primary:
+                    bar.write(f"step {step}: val_loss {val_loss:.4f}, val_ppl {ppl:.2f}")
             if step % cfg.checkpoint_every == 0 or step == end:
                 saved = checkpointer.save(step, state, batches.state, meta)
     finally:

@@ -79,6 +79,8 @@ def make_train_step(
     *,
     grad_clip: float = 0.0,
     schedule: optax.Schedule | None = None,
+    state_sharding: Any = None,
+    batch_sharding: jax.sharding.NamedSharding | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
@@ -91,6 +93,10 @@ def make_train_step(
       tx: any optax transformation.
       grad_clip: the norm to clip to; 0 disables.
       schedule: reported as ``lr`` in the metrics (the one ``tx`` uses).
+      state_sharding: a ``TrainState`` of shardings (from a mesh); the step keeps the state in
+        them, so it compiles once.
+      batch_sharding: the batch's sharding (with ``state_sharding``); metrics come back
+        replicated on its mesh.
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
@@ -110,9 +116,23 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=(0,))
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+    )
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
-    """Jitted ``(params, batch) -> mean loss`` over ``batch`` (``int[batch, seq_len + 1]``)."""
-    return jax.jit(_loss_fn(graphdef))
+def make_eval_step(
+    graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """Jitted ``(params, batch) -> mean loss`` over ``batch`` (``int[batch, seq_len + 1]``);
+    with ``mesh``, the loss comes back replicated on it."""
+    if mesh is None:
+        return jax.jit(_loss_fn(graphdef))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(_loss_fn(graphdef), out_shardings=replicated)
