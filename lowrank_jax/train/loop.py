@@ -174,6 +174,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
         log = lambda line: None  # noqa: E731 -- process 0 reports
     entry = get_optimizer(cfg.optimizer)
     get_config(cfg.model)  # an unknown model fails before the data is read
+    mesh = _make_mesh(cfg)  # and so does a mesh that does not fit the devices
     os.makedirs(cfg.out, exist_ok=True)
     checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), cfg.keep_checkpoints)
     latest = checkpointer.latest_step()
@@ -234,7 +235,6 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(jnp.int32(0), params, tx.init(params))
 
-    mesh = _make_mesh(cfg)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         return _run(
             cfg,
