@@ -105,7 +105,8 @@ def _init_distributed(cfg: RunConfig) -> None:
 
     On the CPU, cross-process collectives go through gloo (JAX's CPU default has none).
     """
-    if not (cfg.distributed or cfg.coordinator) or jax.distributed.is_initialized():
+    initialized = getattr(jax.distributed, "is_initialized", lambda: False)  # newer JAX only
+    if not (cfg.distributed or cfg.coordinator) or initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     given = {
