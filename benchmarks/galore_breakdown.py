@@ -9,7 +9,9 @@ Times, on ``llama_60m`` parameter shapes (rank 128, no refresh in the timed step
 - ``hand-written + lax.cond refresh``: the same with the projectors passed through one ``lax.cond``
   that would recompute them by SVD every 200 steps (never taken in the timed steps): the
   price of a jitted, single-compile refresh;
-- ``optax.contrib.galore`` and ``lowrank_jax.galore_adamw``.
+- ``optax.contrib.galore`` and ``lowrank_jax.galore_adamw``, the latter also with
+  ``proj_type="reverse_std"``: the side optax.contrib compresses (galore-torch's ``std``
+  compresses the other one).
 
 ``--single-thread`` pins XLA's CPU backend to one thread, which makes the ratios far less
 sensitive to other load on a shared machine (the matmul-bound GaLore step loses more to a busy
@@ -121,6 +123,9 @@ def main() -> None:
         ),
         "optax.contrib.galore": optax_step(optax_galore(rank, 200, shapes)),
         "lowrank_jax.galore_adamw": optax_step(lr.galore_adamw(1e-3, rank=rank)),
+        "lowrank_jax.galore_adamw reverse_std": optax_step(
+            lr.galore_adamw(1e-3, rank=rank, proj_type="reverse_std")
+        ),
     }
     runners = {}
     for name, (step, state) in candidates.items():
@@ -144,7 +149,7 @@ def main() -> None:
         f"{args.rounds} x {args.steps} steps, ratio to optax.adamw"
     )
     for name, seconds in times.items():
-        print(f"  {name:34s} {statistics.median(seconds) / base:5.2f}x")
+        print(f"  {name:40s} {statistics.median(seconds) / base:5.2f}x")
 
 
 if __name__ == "__main__":
