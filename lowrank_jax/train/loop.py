@@ -176,6 +176,34 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
     entry = get_optimizer(cfg.optimizer)
     get_config(cfg.model)  # an unknown model fails before the data is read
     mesh = _make_mesh(cfg)  # and so does a mesh that does not fit the devices
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _train(cfg, entry, mesh, primary, log)
+
+
+def _shardings(tx: Any, abstract: TrainState, model_config: Any, mesh: Any) -> TrainState:
+    """A ``NamedSharding`` per leaf of the train state: LLaMA's partition rules for the
+    parameters, :func:`lowrank_jax.sharding.state_specs` for the optimizer state."""
+    model = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
+    param_specs = sharding.llama_param_specs(nnx.state(model, nnx.Param))
+    treedef = jax.tree.structure(abstract.params)
+    param_specs = treedef.unflatten(
+        [
+            sharding.fit_spec(leaf.shape, spec, mesh)
+            for leaf, spec in zip(
+                treedef.flatten_up_to(abstract.params), treedef.flatten_up_to(param_specs)
+            )
+        ]
+    )
+    specs = TrainState(
+        P(), param_specs, sharding.state_specs(tx, abstract.params, param_specs, mesh)
+    )
+    return sharding.named(specs, mesh)
+
+
+def _train(
+    cfg: RunConfig, entry: Any, mesh: Any, primary: bool, log: Callable[[str], None]
+) -> dict:
+    """:func:`train` after the checks, inside the run's mesh (if any)."""
     os.makedirs(cfg.out, exist_ok=True)
     checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), cfg.keep_checkpoints)
     latest = checkpointer.latest_step()
@@ -236,59 +264,6 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(jnp.int32(0), params, tx.init(params))
 
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _run(
-            cfg,
-            entry,
-            tx,
-            init_state,
-            model_config,
-            dataset,
-            checkpointer,
-            latest,
-            schedule,
-            rank,
-            mesh,
-            primary,
-            log,
-        )
-
-
-def _shardings(tx: Any, abstract: TrainState, model_config: Any, mesh: Any) -> TrainState:
-    """A ``NamedSharding`` per leaf of the train state: LLaMA's partition rules for the
-    parameters, :func:`lowrank_jax.sharding.state_specs` for the optimizer state."""
-    model = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
-    param_specs = sharding.llama_param_specs(nnx.state(model, nnx.Param))
-    treedef = jax.tree.structure(abstract.params)
-    param_specs = treedef.unflatten(
-        [
-            sharding.fit_spec(leaf.shape, spec, mesh)
-            for leaf, spec in zip(
-                treedef.flatten_up_to(abstract.params), treedef.flatten_up_to(param_specs)
-            )
-        ]
-    )
-    specs = TrainState(
-        P(), param_specs, sharding.state_specs(tx, abstract.params, param_specs, mesh)
-    )
-    return sharding.named(specs, mesh)
-
-
-def _run(
-    cfg,
-    entry,
-    tx,
-    init_state,
-    model_config,
-    dataset,
-    checkpointer,
-    latest,
-    schedule,
-    rank,
-    mesh,
-    primary,
-    log,
-) -> dict:
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0))))
     abstract = jax.eval_shape(init_state)
     state_sharding = batch_sharding = None
