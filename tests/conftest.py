@@ -15,3 +15,13 @@ import pytest  # noqa: E402
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    """The mesh tests need 8 devices; fewer is a setup error, never a silent skip."""
+    n = len(jax.devices())
+    assert n >= 8, (
+        f"{n} devices; the sharding tests need 8: unset XLA_FLAGS' "
+        "--xla_force_host_platform_device_count (this conftest sets 8) or set it to 8"
+    )

@@ -15,9 +15,7 @@ from jax.sharding import PartitionSpec as P
 import lowrank_jax as lr
 from lowrank_jax import sharding
 
-pytestmark = pytest.mark.skipif(
-    len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host platform device count)"
-)
+pytestmark = pytest.mark.usefixtures("eight_devices")
 
 SPECS = {
     "embed": {"embedding": P("tensor", "fsdp")},

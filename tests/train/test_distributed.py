@@ -7,16 +7,13 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from lowrank_jax.train import RunConfig, train
 from lowrank_jax.train.config import ConfigError
 
-pytestmark = pytest.mark.skipif(
-    len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host platform device count)"
-)
+pytestmark = pytest.mark.usefixtures("eight_devices")
 
 TINY = dict(
     model="llama_tiny",
