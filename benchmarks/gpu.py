@@ -186,7 +186,8 @@ def _moments(state: Any) -> tuple[list, list]:
     import jax.numpy as jnp
     import optax
 
-    from lowrank_jax.transforms.quantized import QuantizedArray, ScaleByAdam8bitState
+    from lowrank_jax.quantization import QuantizedArray
+    from lowrank_jax.transforms import ScaleByAdam8bitState
 
     is_state = lambda x: isinstance(x, (optax.ScaleByAdamState, ScaleByAdam8bitState))
     adam, adam_8bit = [], []

@@ -6,6 +6,7 @@ low-rank space -- and parameter reparameterizations (LoRA family). See README.md
 
 from lowrank_jax import memory as memory
 from lowrank_jax import projection as projection
+from lowrank_jax import quantization as quantization
 from lowrank_jax import sharding as sharding
 from lowrank_jax import targets as targets
 from lowrank_jax.optimizers import adamw_8bit as adamw_8bit
@@ -20,21 +21,21 @@ from lowrank_jax.optimizers import lisa_adamw as lisa_adamw
 from lowrank_jax.optimizers import owlore_adamw as owlore_adamw
 from lowrank_jax.projection import Projector as Projector
 from lowrank_jax.targets import MatrixDims as MatrixDims
-from lowrank_jax.transforms._adaptive import AdaptiveRefresh as AdaptiveRefresh
-from lowrank_jax.transforms.apollo import ApolloState as ApolloState
-from lowrank_jax.transforms.apollo import apollo as apollo
-from lowrank_jax.transforms.fira import FiraState as FiraState
-from lowrank_jax.transforms.fira import fira as fira
-from lowrank_jax.transforms.galore import GaLoreState as GaLoreState
-from lowrank_jax.transforms.galore import galore as galore
-from lowrank_jax.transforms.lisa import LisaState as LisaState
-from lowrank_jax.transforms.lisa import lisa as lisa
-from lowrank_jax.transforms.owlore import outlier_scores as outlier_scores
-from lowrank_jax.transforms.owlore import owl_probabilities as owl_probabilities
-from lowrank_jax.transforms.quantized import scale_by_adam_8bit as scale_by_adam_8bit
-from lowrank_jax.transforms.torch_style import decoupled_weight_decay as decoupled_weight_decay
-from lowrank_jax.transforms.torch_style import scale_by_adafactor_hf as scale_by_adafactor_hf
-from lowrank_jax.transforms.torch_style import scale_by_adam_hf as scale_by_adam_hf
+from lowrank_jax.transforms import AdaptiveRefresh as AdaptiveRefresh
+from lowrank_jax.transforms import ApolloState as ApolloState
+from lowrank_jax.transforms import FiraState as FiraState
+from lowrank_jax.transforms import GaLoreState as GaLoreState
+from lowrank_jax.transforms import LisaState as LisaState
+from lowrank_jax.transforms import apollo as apollo
+from lowrank_jax.transforms import decoupled_weight_decay as decoupled_weight_decay
+from lowrank_jax.transforms import fira as fira
+from lowrank_jax.transforms import galore as galore
+from lowrank_jax.transforms import lisa as lisa
+from lowrank_jax.transforms import outlier_scores as outlier_scores
+from lowrank_jax.transforms import owl_probabilities as owl_probabilities
+from lowrank_jax.transforms import scale_by_adafactor_hf as scale_by_adafactor_hf
+from lowrank_jax.transforms import scale_by_adam_8bit as scale_by_adam_8bit
+from lowrank_jax.transforms import scale_by_adam_hf as scale_by_adam_hf
 
 __version__ = "0.1.0"
 

@@ -261,7 +261,7 @@ def lisa_bytes(
       layer_pattern, stacked_pattern, always_active: as :func:`lowrank_jax.lisa` (defaults
         the same).
     """
-    from lowrank_jax.transforms.lisa import LAYER_PATTERN, STACKED_PATTERN, lisa_trees, partition
+    from lowrank_jax.transforms._lisa import LAYER_PATTERN, STACKED_PATTERN, lisa_trees, partition
 
     layer_bytes = layer_bytes or adamw_bytes
     always_bytes = always_bytes or layer_bytes

@@ -13,14 +13,14 @@ import jax
 import optax
 
 from lowrank_jax.targets import Targets
+from lowrank_jax.transforms._adam_8bit import scale_by_adam_8bit
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
+from lowrank_jax.transforms._apollo import apollo
+from lowrank_jax.transforms._fira import fira
+from lowrank_jax.transforms._galore import galore
+from lowrank_jax.transforms._lisa import LAYER_PATTERN, STACKED_PATTERN, lisa
 from lowrank_jax.transforms._norm_scaling import scale_by_adam_bias_correction
-from lowrank_jax.transforms.apollo import apollo
-from lowrank_jax.transforms.fira import fira
-from lowrank_jax.transforms.galore import galore
-from lowrank_jax.transforms.lisa import LAYER_PATTERN, STACKED_PATTERN, lisa
-from lowrank_jax.transforms.quantized import scale_by_adam_8bit
-from lowrank_jax.transforms.torch_style import (
+from lowrank_jax.transforms._torch_style import (
     decoupled_weight_decay,
     scale_by_adafactor_hf,
     scale_by_adam_hf,

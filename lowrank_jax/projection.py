@@ -133,14 +133,61 @@ def _per_matrix(fn, *xs: jax.Array, broadcasts: bool = True):
     return jax.tree.map(lambda y: y.reshape(*batch, *y.shape[1:]), out)
 
 
+def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(eigenvalues ascending, eigenvectors)`` of symmetric matrices.
+
+    LAPACK on CPUs and cuSOLVER on GPUs; on TPUs the Jacobi eigensolver, whose compiled program
+    stays small (XLA's default QDWH divide-and-conquer unrolls into tens of MB of code and
+    minutes of compilation per matrix size).
+    """
+
+    def jacobi(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        vectors, values = jax.lax.linalg.eigh(
+            m, implementation=jax.lax.linalg.EighImplementation.JACOBI
+        )
+        return values, vectors
+
+    def default(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        values, vectors = _per_matrix(jnp.linalg.eigh, m)
+        return values, vectors
+
+    return jax.lax.platform_dependent(x, tpu=jacobi, default=default)
+
+
+def _gram_svd(g: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Top-``rank`` singular vectors from the eigenvectors of the smaller Gram matrix.
+
+    For ``in <= out``: ``G Gᵀ = U Σ² Uᵀ`` gives ``U``, and ``V = Gᵀ U Σ⁻¹`` (normalised, so a
+    zero singular value leaves a zero column, never a NaN); the other way round otherwise.
+    Matmuls and one symmetric eigendecomposition of ``min(in, out)`` square: what a TPU
+    compiles in bounded time, unlike its SVD. Squaring costs accuracy only in the singular
+    vectors of tiny singular values, which a rank-``r`` projector of a gradient does not keep.
+    """
+    flip = g.shape[-2] > g.shape[-1]
+    a = _t(g) if flip else g
+    _, vectors = _eigh(a @ _t(a))
+    u = vectors[..., ::-1][..., :rank]
+    v = _t(a) @ u
+    v = v / jnp.maximum(jnp.linalg.norm(v, axis=-2, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    return (v, u) if flip else (u, v)
+
+
 def svd_basis(g: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """Top-``rank`` left and right singular vectors of ``g`` by an exact float32 SVD.
+    """Top-``rank`` left and right singular vectors of ``g``, in float32.
 
     Returns ``(U[..., :, :rank], V[..., :, :rank])``: ``U`` spans the in axis, ``V`` the out axis.
+    An exact SVD (LAPACK ``gesdd`` on CPUs, cuSOLVER on GPUs); on TPUs the eigenvectors of the
+    smaller Gram matrix (:func:`_gram_svd`), because XLA's TPU SVD takes minutes to compile per
+    matrix shape.
     """
-    u, _, vh = _per_matrix(lambda m: jnp.linalg.svd(m, full_matrices=False),
-                           g.astype(jnp.float32))
-    return u[..., :rank], _t(vh[..., :rank, :])
+
+    def lapack(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        u, _, vh = _per_matrix(lambda x: jnp.linalg.svd(x, full_matrices=False), m)
+        return u[..., :rank], _t(vh[..., :rank, :])
+
+    return jax.lax.platform_dependent(
+        g.astype(jnp.float32), tpu=lambda m: _gram_svd(m, rank), default=lapack
+    )
 
 
 def _lu_normalize(y: jax.Array) -> jax.Array:
@@ -195,7 +242,7 @@ def randomized_svd(
         y = g @ _lu_normalize(_t(g) @ _lu_normalize(y))
     q = _orthonormalize(_lu_normalize(y))
     b = _t(q) @ g  # (k, out)
-    eigvals, eigvecs = _per_matrix(jnp.linalg.eigh, b @ _t(b))  # ascending
+    _, eigvecs = _eigh(b @ _t(b))  # ascending
     top = eigvecs[..., ::-1][..., :rank]
     u = q @ top
     # right vectors: Bᵀ w_i / σ_i, normalised (a zero σ leaves a zero column, never a NaN)
@@ -226,8 +273,22 @@ def compute_projector(
       basis: ``"svd"`` (exact), ``"randomized"`` (range finder) or ``"random"`` (Gaussian, QR).
       key: PRNG key for ``"randomized"`` and ``"random"``.
       dtype: dtype of the stored bases (default: ``g.dtype``, as galore-torch does).
+
+    Matrix products run at full float32 precision on every backend (a TPU's default would
+    round their operands to bfloat16).
     """
     dtype = g.dtype if dtype is None else dtype
+    with jax.default_matmul_precision("float32"):
+        u, v = _bases(g, side, rank, basis, key)
+    return Projector(
+        in_basis=canonical_signs(u).astype(dtype) if side != "out" else None,
+        out_basis=canonical_signs(v).astype(dtype) if side != "in" else None,
+    )
+
+
+def _bases(
+    g: jax.Array, side: Side, rank: int, basis: str, key: jax.Array | None
+) -> tuple[jax.Array | None, jax.Array | None]:
     if basis == "svd":
         u, v = svd_basis(g, rank)
     elif basis == "randomized":
@@ -243,10 +304,7 @@ def compute_projector(
         v = random_basis((*batch, n_out), rank, key_out) if side != "in" else None
     else:
         raise ValueError(f"basis must be one of {BASIS_KINDS}, got {basis!r}.")
-    return Projector(
-        in_basis=canonical_signs(u).astype(dtype) if side != "out" else None,
-        out_basis=canonical_signs(v).astype(dtype) if side != "in" else None,
-    )
+    return u, v
 
 
 def canonical_signs(basis: jax.Array) -> jax.Array:

@@ -41,9 +41,9 @@ from lowrank_jax.targets import path_str
 __all__ = [
     "auto_sharded",
     "fit_spec",
-    "llama_param_specs",
     "make_mesh",
     "named",
+    "param_specs",
     "state_specs",
 ]
 
@@ -76,12 +76,14 @@ def make_mesh(
     )
 
 
-def llama_param_specs(params: Any) -> Any:
-    """Partition specs of a :class:`~lowrank_jax.models.Llama`'s parameters, from its metadata.
+def param_specs(params: Any) -> Any:
+    """Partition specs of a Flax NNX model's parameters, from their sharding metadata.
 
-    ``params`` is ``nnx.state(model, nnx.Param)`` of a model (or an ``nnx.eval_shape`` of one)
-    whose Variables carry ``out_sharding`` metadata (``LlamaConfig.fsdp_axis/tensor_axis``).
-    Returns a pure dict of ``PartitionSpec`` with the structure of ``nnx.to_pure_dict(params)``.
+    ``params`` is ``nnx.state(model, nnx.Param)`` of any NNX model (or an ``nnx.eval_shape`` of
+    one) whose Variables carry ``out_sharding`` metadata (``nnx.with_partitioning``; our LLaMA
+    sets it from ``LlamaConfig.fsdp_axis/tensor_axis``). Variables without metadata are
+    replicated. Returns a pure dict of ``PartitionSpec`` with the structure of
+    ``nnx.to_pure_dict(params)``.
     """
     from flax import nnx
 

@@ -67,6 +67,24 @@ class MatrixDims(NamedTuple):
             )
         return MatrixDims(*axes)
 
+    def to_canonical(self, x: jax.Array) -> jax.Array:
+        """``x`` with its in and out axes last: ``(..., in, out)`` (axes as given, any sign)."""
+        if MatrixDims(self.in_axis % x.ndim, self.out_axis % x.ndim) == (x.ndim - 2, x.ndim - 1):
+            return x
+        return jnp.moveaxis(x, (self.in_axis, self.out_axis), (-2, -1))
+
+    def from_canonical(self, x: jax.Array) -> jax.Array:
+        """Inverse of :meth:`to_canonical`."""
+        if MatrixDims(self.in_axis % x.ndim, self.out_axis % x.ndim) == (x.ndim - 2, x.ndim - 1):
+            return x
+        return jnp.moveaxis(x, (-2, -1), (self.in_axis, self.out_axis))
+
+    def canonical_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of :meth:`to_canonical` of an array of ``shape``."""
+        dims = self.normalize(len(shape))
+        rest = [n for a, n in enumerate(shape) if a not in dims]
+        return (*rest, shape[dims.in_axis], shape[dims.out_axis])
+
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool], Any]  # noqa: UP007
 

@@ -1,13 +1,14 @@
-"""The 8-bit code format inside kernels: the code map, the encoder, the table lookup.
+"""The 8-bit code format inside kernels: the table as a kernel operand, lookups, lane chunks.
 
-Shared by the quantize/dequantize kernels and the fused 8-bit Adam kernel. Everything here is
-elementwise or per 128-lane chunk with Python-number constants only (a Pallas kernel cannot
-capture array constants), and uses only operations that both Triton and Mosaic TPU lower.
+Shared by the quantize/dequantize kernels and the fused 8-bit Adam kernel. The format itself
+(code maps, the encoder) is :mod:`lowrank_jax.quantization`; what is here is how a kernel holds
+it. Everything is elementwise or per 128-lane chunk with Python-number constants only (a Pallas
+kernel cannot capture array constants), and uses only operations that both Triton and Mosaic
+TPU lower.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -16,92 +17,26 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from lowrank_jax.kernels._dispatch import LANES
+from lowrank_jax.quantization import check_block_size, code_map, encode
 
-QUANTIZATIONS = ("dynamic", "linear")
-_DECADES = 7  # the dynamic map's decades [1e-7, 1]: quantized.py's layout
+__all__ = [
+    "assert_codes_close",
+    "check_block_size",
+    "check_codes",
+    "code_map",
+    "encode",
+    "kernel_block_problem",
+    "lane_chunks",
+    "lookup",
+    "table_operand",
+    "table_spec",
+    "to_uint8",
+]
 
-
-@functools.cache
-def code_table(signed: bool, quantization: str) -> np.ndarray:
-    """The 256 sorted float32 values the codes index (``quantized.code_map``)."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
-    from lowrank_jax.transforms.quantized import code_map  # lazy: quantized.py may import us
-
-    return np.asarray(code_map(signed, quantization), np.float32)
-
-
-def round_half_even(x: jax.Array) -> jax.Array:
-    """``jnp.round`` from floor and compares (Triton has no round): exact for ``|x| < 2^23``."""
-    r = jnp.floor(x)
-    frac = x - r
-    odd = jnp.floor(r * 0.5) * 2 != r
-    return jnp.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1, r)
-
-
-def encode(y: jax.Array, *, signed: bool, quantization: str) -> jax.Array:
-    r"""Float32 code (an integer value) of the nearest map entry to each ``y`` in ``[-1, 1]``.
-
-    Linear: :math:`\mathrm{round}(127 y) + 127` (signed) or :math:`\mathrm{round}(255 y)`.
-    Dynamic: the decade :math:`d` of :math:`|y|` by comparisons with :math:`10^{d-7}`, the bin
-    :math:`k = \lfloor (|y|/10^{d-6} - 0.1)\,n_d / 0.9 \rfloor` of the :math:`n_d` levels in
-    that decade, one step down when the top level of the decade below is nearer, 0 below half
-    the smallest level, 255 past the midpoint of the top level and 1, mirrored for ``y < 0``.
-    Elementwise, with Python-number constants only, so it runs inside a kernel.
-
-    Args:
-      y: values normalised by their block's absmax (float32).
-      signed: the signed map (first moment) or the unsigned one (second moment).
-      quantization: ``"dynamic"`` or ``"linear"``.
-
-    Returns:
-      Float32 codes in ``[0, 255]`` (cast to ``uint8`` by the caller).
-
-    References:
-      Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022 (dynamic tree
-      quantization); ``lowrank_jax.transforms.quantized``.
-    """
-    if quantization == "linear":
-        if signed:
-            return jnp.minimum(jnp.maximum(round_half_even(y * 127), -127), 127) + 127
-        return jnp.minimum(jnp.maximum(round_half_even(y * 255), 0), 255)
-    table = code_table(signed, quantization)
-    zero = 127 if signed else 0
-    smallest_half = float(table[zero + 1] / 2)
-    top_mid = float((table[254] + 1.0) / 2)
-    base = 1 if signed else 2  # levels per sign in the lowest decade
-    a = jnp.abs(y)
-    scale = jnp.full(a.shape, 10.0 ** (1 - _DECADES), jnp.float32)
-    count = jnp.full(a.shape, float(base), jnp.float32)
-    for d in range(1, _DECADES):  # the thresholds increase: the last one passed wins
-        above = a >= 10.0 ** (d - _DECADES)
-        scale = jnp.where(above, 10.0 ** (d + 1 - _DECADES), scale)
-        count = jnp.where(above, float(base << d), count)
-    k = jnp.floor((a / scale - 0.1) * count / 0.9)
-    k = jnp.minimum(jnp.maximum(k, 0), count - 1)
-    below = count - 1 if signed else count - 2
-    code = zero + 1 + below + k
-    level = scale * (0.1 + (k + 0.5) * 0.9 / count)
-    top_of_lower = scale / 10 * (1 - 0.9 / count)
-    nearer = (
-        (k == 0) & (a >= 10.0 ** (1 - _DECADES)) & (jnp.abs(a - top_of_lower) < jnp.abs(a - level))
-    )
-    code = jnp.where(nearer, code - 1, code)
-    code = jnp.where(a < smallest_half, zero, code)
-    code = jnp.where(a > top_mid, 255, code)
-    if signed:
-        code = jnp.maximum(jnp.where(y < 0, 2 * zero - code, code), 0)
-    return code
 
 
 def to_uint8(code: jax.Array) -> jax.Array:
     return code.astype(jnp.int32).astype(jnp.uint8)
-
-
-def check_block_size(block_size: Any, where: str) -> None:
-    """Raises ``ValueError`` unless ``block_size`` is a positive Python int."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{where}: block_size must be a positive Python int, got {block_size!r}.")
 
 
 def kernel_block_problem(block_size: int) -> str | None:
@@ -113,7 +48,7 @@ def kernel_block_problem(block_size: int) -> str | None:
 
 def table_operand(signed: bool, quantization: str, target: str) -> jax.Array:
     """The code map as a kernel input: ``(256,)`` for Triton, ``(2, 128)`` for a TPU."""
-    table = jnp.asarray(code_table(signed, quantization))
+    table = jnp.asarray(code_map(signed, quantization))
     return table if target == "triton" else table.reshape(2, LANES)
 
 

@@ -22,7 +22,7 @@ from lowrank_jax.kernels._codes import (
     assert_codes_close,
     check_block_size,
     check_codes,
-    code_table,
+    code_map,
     encode,
     kernel_block_problem,
     lane_chunks,
@@ -35,6 +35,7 @@ from lowrank_jax.kernels.quantize import (
     dequantize_blockwise_reference,
     quantize_blockwise_reference,
 )
+from lowrank_jax.quantization import QuantizedArray
 
 __all__ = ["adam_8bit_update", "adam_8bit_update_pallas", "adam_8bit_update_reference"]
 
@@ -213,9 +214,8 @@ def adam_8bit_update_pallas(
         raise ValueError(f"adam_8bit_update_pallas: {problem}.")
     if not _dispatch.is_static_number(b1, b2, eps):
         raise ValueError("adam_8bit_update_pallas: b1, b2 and eps must be Python numbers.")
-    from lowrank_jax.transforms.quantized import QuantizedArray
 
-    signed_zero = int(np.searchsorted(code_table(True, quantization), 0.0))
+    signed_zero = int(np.searchsorted(code_map(True, quantization), 0.0))
     n_blocks, padded, br = _layout(g.size, block_size, target, block_rows)
     g2 = _dispatch.to_rows(g, block_size, padded)
     m2 = _dispatch.to_rows(m[0], block_size, padded, fill=signed_zero)
@@ -316,7 +316,7 @@ def adam_8bit_update(
       ``AdamW8bit``.
     """
     _check(g, m, v, block_size, correction1, correction2)
-    code_table(True, quantization)
+    code_map(True, quantization)
     static = _dispatch.is_static_number(b1, b2, eps)
     problem = kernel_block_problem(block_size)
     if problem is None and not static:

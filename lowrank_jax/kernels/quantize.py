@@ -1,14 +1,14 @@
-"""Block-wise 8-bit quantize / dequantize kernels, in the format of ``transforms/quantized.py``.
+"""Block-wise 8-bit quantize / dequantize kernels, in the format of :mod:`lowrank_jax.quantization`.
 
 An array of ``size`` elements is viewed as ``(n_blocks, block_size)``, one quantization block
 per row (the tail padded with zeros): row ``i``'s ``absmax`` is ``scales[i]`` and each element
 is stored as the ``uint8`` index of the nearest of the 256 sorted values of
-:func:`lowrank_jax.transforms.quantized.code_map`. The nearest code is found by arithmetic
-(``_codes.encode``: comparisons, a floor and a few divisions; no table search), the same
-operations as ``quantized.py``'s encoder, so codes agree bit for bit with
-``quantized.quantize_blockwise`` wherever both round the divisions alike (always in interpret
-mode). Dequantizing gathers ``map[code]`` from a 256-entry table: a pointer gather on Triton,
-two 128-lane ``take_along_axis`` (Mosaic's dynamic gather) on a TPU.
+:func:`lowrank_jax.quantization.code_map`. The nearest code is found by the format's own
+arithmetic encoder (:func:`lowrank_jax.quantization.encode`: comparisons, a floor and a few
+divisions; no table search), so codes agree bit for bit with the plain-jnp reference
+(:func:`lowrank_jax.quantization.quantize_blockwise`) wherever both round the divisions alike
+(always in interpret mode). Dequantizing gathers ``map[code]`` from a 256-entry table: a
+pointer gather on Triton, two 128-lane ``take_along_axis`` (Mosaic's dynamic gather) on a TPU.
 
 Inside a kernel a row is processed in 128-lane chunks loaded and stored through the refs (no
 value slicing or concatenation, which Triton lacks), and its absmax is the maximum of the
@@ -30,7 +30,7 @@ from lowrank_jax.kernels._codes import (
     assert_codes_close,
     check_block_size,
     check_codes,
-    code_table,
+    code_map,
     encode,
     kernel_block_problem,
     lane_chunks,
@@ -39,6 +39,9 @@ from lowrank_jax.kernels._codes import (
     table_spec,
     to_uint8,
 )
+from lowrank_jax.quantization import QuantizedArray
+from lowrank_jax.quantization import dequantize_blockwise as dequantize_blockwise_reference
+from lowrank_jax.quantization import quantize_blockwise as quantize_blockwise_reference
 
 __all__ = [
     "dequantize_blockwise",
@@ -59,61 +62,6 @@ def _layout(
     """``(n_blocks, padded, per_step)``: quantization blocks (rows), see ``row_layout``."""
     preferred = max(_BUDGET[target] // block_size, 32 if target == "tpu" else 1)
     return _dispatch.row_layout(size, block_size, target, preferred, 32, block_rows)
-
-
-def quantize_blockwise_reference(
-    x: jax.Array, block_size: int, *, signed: bool, quantization: str = "dynamic"
-) -> Any:
-    r"""Block-wise 8-bit quantization in plain jnp: ``quantized.quantize_blockwise``'s result.
-
-    .. math::
-        s_b = \max_{i \in b} |x_i|,\qquad c_i = \mathrm{encode}(x_i / s_b)
-
-    (:math:`s_b = 0` divides by 1).
-
-    Args:
-      x: any shape; upcast to float32.
-      block_size: elements per block (consecutive, row-major).
-      signed: signed map (first moment) or unsigned (second moment).
-      quantization: ``"dynamic"`` or ``"linear"``.
-
-    Returns:
-      ``QuantizedArray(codes uint8[x.shape], scales float32[ceil(size / block_size)])``.
-
-    References:
-      Dettmers et al., ICLR 2022; ``lowrank_jax.transforms.quantized.quantize_blockwise``.
-    """
-    check_block_size(block_size, "quantize_blockwise")
-    from lowrank_jax.transforms.quantized import QuantizedArray
-
-    blocks = _dispatch.to_rows(x.astype(jnp.float32), block_size, -(-x.size // block_size))
-    absmax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
-    codes = to_uint8(
-        encode(
-            blocks / jnp.where(absmax > 0, absmax, 1.0), signed=signed, quantization=quantization
-        )
-    )
-    return QuantizedArray(_dispatch.from_rows(codes, x.shape), absmax[:, 0])
-
-
-def dequantize_blockwise_reference(
-    q: Any, block_size: int, *, signed: bool, quantization: str = "dynamic"
-) -> jax.Array:
-    r"""``map[code] · absmax(block)`` in plain jnp, as float32 in the codes' shape.
-
-    Args:
-      q: a ``(codes, scales)`` pair (``QuantizedArray``).
-      block_size, signed, quantization: as :func:`quantize_blockwise_reference`.
-
-    Returns:
-      The float32 values; equal to ``quantized.dequantize_blockwise``'s.
-    """
-    codes, scales = q
-    check_block_size(block_size, "dequantize_blockwise")
-    table = jnp.asarray(code_table(signed, quantization))
-    rows = _dispatch.to_rows(codes, block_size, -(-codes.size // block_size))
-    values = table[rows.astype(jnp.int32)] * scales.reshape(-1, 1)
-    return _dispatch.from_rows(values, codes.shape)
 
 
 def _quantize_kernel(x_ref, codes_ref, scales_ref, *, signed, quantization):
@@ -168,8 +116,7 @@ def quantize_blockwise_pallas(
       ``QuantizedArray(codes, scales)``, bit for bit the reference's in interpret mode.
     """
     _pallas_rows(block_size, target, "quantize_blockwise_pallas")
-    code_table(signed, quantization)  # validates quantization
-    from lowrank_jax.transforms.quantized import QuantizedArray
+    code_map(signed, quantization)  # validates quantization
 
     n_blocks, padded, br = _layout(x.size, block_size, target, block_rows)
     blocks = _dispatch.to_rows(x, block_size, padded)
@@ -249,7 +196,7 @@ def quantize_blockwise(
         :func:`~lowrank_jax.kernels.kernel_mode` in force).
 
     Returns:
-      ``QuantizedArray(codes, scales)``, as ``quantized.quantize_blockwise``.
+      ``QuantizedArray(codes, scales)``, as :func:`lowrank_jax.quantization.quantize_blockwise`.
 
     Raises:
       ValueError: a bad ``block_size`` or ``quantization``, a non-float ``x``, or a forced
@@ -265,7 +212,7 @@ def quantize_blockwise(
       Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
     """
     check_block_size(block_size, "quantize_blockwise")
-    code_table(signed, quantization)
+    code_map(signed, quantization)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"quantize_blockwise: x must be a float array, got {x.dtype}.")
     plan = _dispatch.choose(
@@ -307,14 +254,14 @@ def dequantize_blockwise(
       block_size, signed, quantization, mode: as :func:`quantize_blockwise`.
 
     Returns:
-      Float32 values in the codes' shape, as ``quantized.dequantize_blockwise``.
+      Float32 values in the codes' shape, as :func:`lowrank_jax.quantization.dequantize_blockwise`.
 
     Raises:
       ValueError: codes that are not ``uint8``, scales of the wrong length, a bad
         ``block_size`` or ``quantization``, or a forced Pallas mode that cannot run.
     """
     check_block_size(block_size, "dequantize_blockwise")
-    code_table(signed, quantization)
+    code_map(signed, quantization)
     check_codes(q, block_size, "dequantize_blockwise")
     size = q[0].size
     plan = _dispatch.choose(

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax.reparam.method import Method, f32
@@ -46,20 +45,15 @@ class Site(NamedTuple):
 
     def canonical(self, w: jax.Array) -> jax.Array:
         """``w`` with its in and out axes last: ``(..., in, out)``."""
-        if self.dims == (w.ndim - 2, w.ndim - 1):
-            return w
-        return jnp.moveaxis(w, (self.dims.in_axis, self.dims.out_axis), (-2, -1))
+        return self.dims.to_canonical(w)
 
     def layout(self, w: jax.Array) -> jax.Array:
         """Inverse of :meth:`canonical`."""
-        if self.dims == (w.ndim - 2, w.ndim - 1):
-            return w
-        return jnp.moveaxis(w, (-2, -1), (self.dims.in_axis, self.dims.out_axis))
+        return self.dims.from_canonical(w)
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
-        rest = [n for a, n in enumerate(self.shape) if a not in self.dims]
-        return (*rest, self.shape[self.dims.in_axis], self.shape[self.dims.out_axis])
+        return self.dims.canonical_shape(self.shape)
 
 
 @jax.tree_util.register_dataclass

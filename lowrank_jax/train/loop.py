@@ -184,7 +184,7 @@ def _shardings(tx: Any, abstract: TrainState, model_config: Any, mesh: Any) -> T
     """A ``NamedSharding`` per leaf of the train state: LLaMA's partition rules for the
     parameters, :func:`lowrank_jax.sharding.state_specs` for the optimizer state."""
     model = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
-    param_specs = sharding.llama_param_specs(nnx.state(model, nnx.Param))
+    param_specs = sharding.param_specs(nnx.state(model, nnx.Param))
     treedef = jax.tree.structure(abstract.params)
     param_specs = treedef.unflatten(
         [

@@ -1,31 +1,36 @@
-"""Optimizers by name, for the CLI and configs: ``adamw``, ``galore``, and whatever registers.
+"""Optimizers by name, for the CLI and configs: one table of the built-in aliases, and plugins.
 
-A factory receives an :class:`OptimizerArgs` (the run's learning-rate schedule, rank, projector
-gap, weight decay, ...) and returns an optax transformation. A method module registers itself at
-import time::
+Every built-in is a row of :data:`BUILTINS`: the alias it calls (``lowrank_jax.galore_adamw``,
+``optax.adamw``, ...), its default peak learning rate (the paper's tuned value), which run
+settings (:class:`OptimizerArgs` fields) it takes, and its own defaults. The library's method
+modules know nothing about the trainer; this table is the one place that maps run settings
+onto their arguments. Other packages add methods through the ``lowrank_jax.optimizers``
+entry-point group (a module that calls :func:`register_optimizer` when loaded) or by calling
+:func:`register_optimizer` themselves::
 
     from lowrank_jax.train.registry import register_optimizer
 
-    def _fira(args):
-        from lowrank_jax.optimizers import fira_adamw
-        return fira_adamw(args.learning_rate, rank=args.rank, ...)
+    def _lion(args):
+        import optax
+        return optax.lion(args.learning_rate, weight_decay=args.weight_decay)
 
-    register_optimizer("fira", _fira, help="Fira: GaLore + full-rank residual", default_lr=1e-2)
+    register_optimizer("lion", _lion, help="optax.lion", default_lr=1e-4)
 
-This module imports nothing heavy (no JAX, no optax): factories import what they need when
-called. :func:`available_optimizers` also loads ``lowrank_jax`` (whose modules register their
-methods on import) and the ``lowrank_jax.optimizers`` entry-point group of other packages.
+This module imports nothing heavy (no JAX, no optax): a row's alias is imported when the
+optimizer is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
 
 __all__ = [
+    "BUILTINS",
+    "Builtin",
     "OptimizerArgs",
     "OptimizerEntry",
     "available_optimizers",
@@ -50,7 +55,8 @@ class OptimizerArgs:
       b1, b2: Adam constants; eps: Adam's epsilon (``None``: each method's own default).
       seed: seed for methods with randomness.
       total_steps: length of the run.
-      extra: method-specific options (``--opt KEY=VALUE`` on the CLI).
+      extra: method-specific options (``--opt KEY=VALUE`` on the CLI); they override the run
+        settings of the same name.
     """
 
     learning_rate: Any
@@ -68,7 +74,10 @@ class OptimizerArgs:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerEntry:
-    """A registered optimizer: its factory, a one-line help and its default peak lr."""
+    """A registered optimizer: its factory, a one-line help and its default peak lr.
+
+    ``low_rank`` marks methods that use ``rank`` (shown in the run summary).
+    """
 
     name: str
     factory: Callable[[OptimizerArgs], Any]
@@ -77,7 +86,127 @@ class OptimizerEntry:
     low_rank: bool = False
 
 
-_REGISTRY: dict[str, OptimizerEntry] = {}
+_ADAM = ("b1", "b2", "eps", "weight_decay")
+_PROJECTED = ("rank", "update_proj_gap", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Builtin:
+    """One row of the built-in table.
+
+    Attributes:
+      name: the name users pass (``--optimizer NAME``).
+      alias: ``"module:function"``, called as ``function(learning_rate, **kwargs)``.
+      help: one line for ``lowrank-jax optimizers`` and error messages.
+      default_lr: peak learning rate when the run gives none.
+      takes: the :class:`OptimizerArgs` fields passed on (``scale`` is passed as ``scale``).
+      eps: the alias's epsilon when the run does not set one (HF-style Adam: 1e-6).
+      required: ``--opt`` keys the method cannot run without, with the error text.
+    """
+
+    name: str
+    alias: str
+    help: str
+    default_lr: float
+    takes: tuple[str, ...]
+    eps: float = 1e-8
+    required: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def low_rank(self) -> bool:
+        return "rank" in self.takes
+
+    def build(self, args: OptimizerArgs) -> Any:
+        """``alias(args.learning_rate, **taken settings, **args.extra)``."""
+        for key, text in self.required.items():
+            if key not in args.extra:
+                raise ValueError(f"{self.name} needs --opt {key}=...: {text}")
+        module, _, attr = self.alias.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+        kwargs = {field: getattr(args, field) for field in self.takes}
+        if "eps" in kwargs and kwargs["eps"] is None:
+            kwargs["eps"] = self.eps
+        return fn(args.learning_rate, **{**kwargs, **args.extra})
+
+
+# Default learning rates are the papers' tuned values (reference/galore.md §4.2 and
+# fira_lisa_apollo.md): 0.01 for GaLore, Fira and APOLLO below 1B, <= 1e-3 for full rank.
+# APOLLO's `scale` is not GaLore's alpha, so `scale` is not taken (use --opt scale=...);
+# APOLLO-Mini keeps rank 1 unless --opt rank=... says otherwise. OwLore's script: lr 3e-4.
+BUILTINS: tuple[Builtin, ...] = (
+    Builtin("adamw", "optax:adamw", "optax.adamw (full-rank baseline)", 1e-3, _ADAM),
+    Builtin(
+        "galore",
+        "lowrank_jax.optimizers:galore_adamw",
+        "lowrank_jax.galore_adamw (GaLore-AdamW as galore-torch)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
+        "fira",
+        "lowrank_jax.optimizers:fira_adamw",
+        "lowrank_jax.fira_adamw (Fira-AdamW as the fira package)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
+        "apollo",
+        "lowrank_jax.optimizers:apollo_adamw",
+        "lowrank_jax.apollo_adamw (APOLLO as apollo-torch; random projection, channel scaling)",
+        1e-2,
+        (*_PROJECTED, *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
+        "apollo_mini",
+        "lowrank_jax.optimizers:apollo_mini",
+        "lowrank_jax.apollo_mini (rank 1, tensor-wise scaling, scale 128)",
+        1e-2,
+        ("update_proj_gap", "seed", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
+        "adamw_8bit",
+        "lowrank_jax.optimizers:adamw_8bit",
+        "lowrank_jax.adamw_8bit (AdamW with block-wise 8-bit moments)",
+        1e-3,
+        _ADAM,
+    ),
+    Builtin(
+        "galore_adamw_8bit",
+        "lowrank_jax.optimizers:galore_adamw_8bit",
+        "lowrank_jax.galore_adamw_8bit (8-bit GaLore: 8-bit Adam in the low-rank space)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+    ),
+    Builtin(
+        "lisa",
+        "lowrank_jax.optimizers:lisa_adamw",
+        "lowrank_jax.lisa_adamw (2 sampled layers every 20 steps + embedding/norm/head; "
+        "--opt n_active=... interval=...)",
+        1e-3,
+        ("seed", *_ADAM),
+    ),
+    Builtin(
+        "owlore",
+        "lowrank_jax.optimizers:owlore_adamw",
+        "lowrank_jax.owlore_adamw (outlier-weighted layer sampling + GaLore; --opt probs=[...])",
+        3e-4,
+        (*_PROJECTED, *_ADAM),
+        eps=1e-6,
+        required={
+            "probs": "the layer probabilities [p_0,...,p_{L-1}] (from lowrank_jax.transforms."
+            "owl_probabilities(outlier_scores(params, input_norms)))"
+        },
+    ),
+)
+
+_REGISTRY: dict[str, OptimizerEntry] = {
+    row.name: OptimizerEntry(row.name, row.build, row.help, row.default_lr, row.low_rank)
+    for row in BUILTINS
+}
 _PLUGINS_LOADED = False
 
 
@@ -90,7 +219,7 @@ def register_optimizer(
     low_rank: bool = False,
     overwrite: bool = False,
 ) -> OptimizerEntry:
-    """Registers ``factory`` under ``name``.
+    """Registers ``factory`` under ``name`` (for plugins; the built-ins are :data:`BUILTINS`).
 
     Args:
       name: the name users pass (``--optimizer NAME``).
@@ -115,7 +244,6 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    importlib.import_module("lowrank_jax")
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()
 
@@ -143,40 +271,3 @@ def get_optimizer(name: str) -> OptimizerEntry:
 def build_optimizer(name: str, args: OptimizerArgs) -> Any:
     """``get_optimizer(name).factory(args)``."""
     return get_optimizer(name).factory(args)
-
-
-def _adamw(args: OptimizerArgs) -> Any:
-    import optax
-
-    eps = 1e-8 if args.eps is None else args.eps
-    return optax.adamw(
-        args.learning_rate, b1=args.b1, b2=args.b2, eps=eps, weight_decay=args.weight_decay
-    )
-
-
-def _galore(args: OptimizerArgs) -> Any:
-    from lowrank_jax.optimizers import galore_adamw
-
-    options = dict(
-        rank=args.rank,
-        update_proj_gap=args.update_proj_gap,
-        scale=args.scale,
-        b1=args.b1,
-        b2=args.b2,
-        eps=1e-6 if args.eps is None else args.eps,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    return galore_adamw(args.learning_rate, **{**options, **args.extra})
-
-
-# Default learning rates: the GaLore paper's tuned values (0.01 for GaLore, <= 0.001 for the
-# full-rank baseline; reference/galore.md §4.2).
-register_optimizer("adamw", _adamw, help="optax.adamw (full-rank baseline)", default_lr=1e-3)
-register_optimizer(
-    "galore",
-    _galore,
-    help="lowrank_jax.galore_adamw (GaLore-AdamW as galore-torch)",
-    default_lr=1e-2,
-    low_rank=True,
-)

@@ -1,26 +1,34 @@
-"""Gradient transformations: one file per method."""
+"""Gradient transformations: one private module per method, the names re-exported here.
 
+Every method is an optax ``GradientTransformation`` that wraps an inner transformation (the
+low-rank space gets whatever optimizer is chained). The shared projected core is
+``_lowrank.py``; GaLore, Fira and APOLLO are thin files on top of it.
+"""
+
+from lowrank_jax.quantization import QuantizedArray as QuantizedArray
+from lowrank_jax.transforms._adam_8bit import ScaleByAdam8bitState as ScaleByAdam8bitState
+from lowrank_jax.transforms._adam_8bit import scale_by_adam_8bit as scale_by_adam_8bit
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh as AdaptiveRefresh
 from lowrank_jax.transforms._adaptive import RefreshState as RefreshState
 from lowrank_jax.transforms._adaptive import svd_count as svd_count
+from lowrank_jax.transforms._apollo import ApolloState as ApolloState
+from lowrank_jax.transforms._apollo import apollo as apollo
+from lowrank_jax.transforms._apollo import gaussian_projection as gaussian_projection
+from lowrank_jax.transforms._fira import FiraState as FiraState
+from lowrank_jax.transforms._fira import fira as fira
+from lowrank_jax.transforms._galore import GaLoreState as GaLoreState
+from lowrank_jax.transforms._galore import galore as galore
+from lowrank_jax.transforms._lisa import LisaState as LisaState
+from lowrank_jax.transforms._lisa import lisa as lisa
+from lowrank_jax.transforms._norm_scaling import (
+    ScaleByBiasCorrectionState as ScaleByBiasCorrectionState,
+)
 from lowrank_jax.transforms._norm_scaling import (
     scale_by_adam_bias_correction as scale_by_adam_bias_correction,
 )
-from lowrank_jax.transforms.apollo import ApolloState as ApolloState
-from lowrank_jax.transforms.apollo import apollo as apollo
-from lowrank_jax.transforms.apollo import gaussian_projection as gaussian_projection
-from lowrank_jax.transforms.fira import FiraState as FiraState
-from lowrank_jax.transforms.fira import fira as fira
-from lowrank_jax.transforms.galore import GaLoreState as GaLoreState
-from lowrank_jax.transforms.galore import galore as galore
-from lowrank_jax.transforms.lisa import LisaState as LisaState
-from lowrank_jax.transforms.lisa import lisa as lisa
-from lowrank_jax.transforms.owlore import feature_norms as feature_norms
-from lowrank_jax.transforms.owlore import outlier_scores as outlier_scores
-from lowrank_jax.transforms.owlore import owl_probabilities as owl_probabilities
-from lowrank_jax.transforms.quantized import QuantizedArray as QuantizedArray
-from lowrank_jax.transforms.quantized import ScaleByAdam8bitState as ScaleByAdam8bitState
-from lowrank_jax.transforms.quantized import scale_by_adam_8bit as scale_by_adam_8bit
-from lowrank_jax.transforms.torch_style import decoupled_weight_decay as decoupled_weight_decay
-from lowrank_jax.transforms.torch_style import scale_by_adafactor_hf as scale_by_adafactor_hf
-from lowrank_jax.transforms.torch_style import scale_by_adam_hf as scale_by_adam_hf
+from lowrank_jax.transforms._owlore import feature_norms as feature_norms
+from lowrank_jax.transforms._owlore import outlier_scores as outlier_scores
+from lowrank_jax.transforms._owlore import owl_probabilities as owl_probabilities
+from lowrank_jax.transforms._torch_style import decoupled_weight_decay as decoupled_weight_decay
+from lowrank_jax.transforms._torch_style import scale_by_adafactor_hf as scale_by_adafactor_hf
+from lowrank_jax.transforms._torch_style import scale_by_adam_hf as scale_by_adam_hf

@@ -93,13 +93,14 @@ def refresh_leaf(
     old: Projector,
     state: RefreshState,
     count: jax.Array,
-    key: jax.Array,
+    key: Callable[[jax.Array], jax.Array],
     compute: Callable[[jax.Array, Projector, jax.Array], Projector],
     config: AdaptiveRefresh,
 ) -> tuple[Projector, RefreshState, jax.Array]:
     """Refreshes the due matrices of one leaf; returns ``(projector, state, any_due)``.
 
-    ``compute(g, old, key)`` returns the new projector of one ``(in, out)`` matrix.
+    ``compute(g, old, key)`` returns the new projector of one ``(in, out)`` matrix; ``key(m)``
+    is the key of the leaf's matrix ``m``.
     """
     size = math.prod(batch)
     flat = lambda x: None if x is None else x.reshape((size, *x.shape[len(batch) :]))
@@ -133,7 +134,7 @@ def refresh_leaf(
         new_m, state_m = jax.lax.cond(due, refresh, lambda: (old_m, state_m))
         return new_m, state_m, due
 
-    keys = jax.random.split(key, size)
+    keys = jax.vmap(key)(jnp.arange(size))
     new, state, due = jax.lax.map(
         one, (flat(g), jax.tree.map(flat, old), jax.tree.map(flat, state), keys)
     )

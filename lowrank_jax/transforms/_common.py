@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.targets import MatrixDims
+from lowrank_jax.targets import path_str
 
 MaskedNode = optax.MaskedNode
 
@@ -45,21 +45,6 @@ def wrap_key(data: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(data)
 
 
-def to_canonical(x: jax.Array, dims: MatrixDims) -> jax.Array:
-    """Moves the in/out axes of ``x`` last: ``(..., in, out)``."""
-    return jnp.moveaxis(x, (dims.in_axis, dims.out_axis), (-2, -1))
-
-
-def from_canonical(x: jax.Array, dims: MatrixDims) -> jax.Array:
-    """Inverse of :func:`to_canonical`."""
-    return jnp.moveaxis(x, (-2, -1), (dims.in_axis, dims.out_axis))
-
-
-def canonical_shape(shape: tuple[int, ...], dims: MatrixDims) -> tuple[int, ...]:
-    axes = [a for a in range(len(shape)) if a not in (dims.in_axis, dims.out_axis)]
-    return (*(shape[a] for a in axes), shape[dims.in_axis], shape[dims.out_axis])
-
-
 def check_float_leaf(path: str, leaf: Any, method: str) -> None:
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
         raise ValueError(
@@ -67,3 +52,10 @@ def check_float_leaf(path: str, leaf: Any, method: str) -> None:
             "can be optimized. Exclude it with `targets=` or keep it out of the optimizer "
             "(for example with optax.partition / optax.set_to_zero)."
         )
+
+
+def check_float_tree(tree: Any, method: str) -> None:
+    """:func:`check_float_leaf` on every array leaf of ``tree`` (``MaskedNode`` skipped)."""
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "dtype"):
+            check_float_leaf(path_str(keypath), leaf, method)

@@ -11,12 +11,18 @@ full-size one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import math
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lowrank_jax import projection
@@ -25,16 +31,15 @@ from lowrank_jax.targets import MatrixDims, Targets, path_str, resolve, resolve_
 from lowrank_jax.transforms import _adaptive
 from lowrank_jax.transforms._common import (
     MaskedNode,
-    canonical_shape,
     check_float_leaf,
-    from_canonical,
     is_masked,
     new_key,
-    to_canonical,
+    safe_increment,
     wrap_key,
 )
 
 ON_REFRESH = ("keep", "reset", "reproject")
+
 # Inner-state fields that hold elementwise second moments: rotated with squared weights.
 _SECOND_MOMENT_FIELDS = frozenset({"nu", "v", "exp_avg_sq", "nu_hat", "second"})
 
@@ -53,22 +58,53 @@ class LeafPlan(NamedTuple):
         return projection.lowrank_shape(self.shape, self.side, self.rank)
 
 
-class Step(NamedTuple):
-    """What :meth:`ProjectedCore.step` computed, per leaf (lists in tree-leaf order)."""
+# Set by the layer-wise train step while it updates one layer of scan-stacked leaves: the
+# stacked leaves it passes are the slice [offset : offset + 1] of the full [L, ...] leaves.
+_LAYER_OFFSET: contextvars.ContextVar = contextvars.ContextVar("layer_offset", default=0)
 
-    treedef: Any
-    plans: list  # LeafPlan or None
-    grads: list  # canonical gradient (targeted) or the raw gradient
-    dtypes: list  # dtype of each incoming update
-    projectors: list  # Projector or MaskedNode (after any refresh)
-    lowrank_grads: list  # projected gradient or None
-    lowrank_updates: list  # inner update in low-rank space or None
-    fullrank_updates: list  # inner update of untargeted leaves or None
-    refresh: jax.Array  # bool scalar: this step refreshed the projectors
-    count: jax.Array  # the step counter before this step
-    lowrank_state: Any
-    fullrank_state: Any
-    refresh_state: Any = None  # per-leaf _adaptive.RefreshState with adaptive refresh
+
+@contextlib.contextmanager
+def layer_offset(offset: int | jax.Array) -> Iterator[None]:
+    """Within the block, stacked leaves are the slice at layer ``offset`` of the full leaves.
+
+    Random bases draw one key per matrix, numbered within its leaf; with the offset, a layer
+    updated alone (:func:`lowrank_jax.train.make_train_step` with ``layerwise=True``) draws the
+    same keys as when the whole stack is updated at once.
+    """
+    token = _LAYER_OFFSET.set(offset)
+    try:
+        yield
+    finally:
+        _LAYER_OFFSET.reset(token)
+
+
+def matrix_key(key: jax.Array, plan: LeafPlan, index: int | jax.Array) -> jax.Array:
+    """The key of matrix ``index`` (over the flattened batch axes) of the leaf ``plan``.
+
+    Derived from the leaf's path (not its position in the tree) and the matrix's number in the
+    full stacked leaf, so a sub-tree or a layer slice draws the keys the whole tree would.
+    """
+    leaf = jax.random.fold_in(key, zlib.crc32(plan.path.encode()) & 0x7FFFFFFF)
+    per_layer = math.prod(plan.shape[1:-2]) if len(plan.shape) > 2 else 0
+    return jax.random.fold_in(leaf, _LAYER_OFFSET.get() * per_layer + index)
+
+
+class LeafStep(NamedTuple):
+    """One targeted leaf during an update, in the canonical ``(..., in, out)`` layout.
+
+    What a method's per-leaf function receives (see :meth:`ProjectedCore.update`).
+    """
+
+    plan: LeafPlan
+    grad: jax.Array  # the canonical gradient
+    projector: Projector  # after any refresh
+    lowrank_grad: jax.Array  # project(grad, projector)
+    lowrank_update: jax.Array  # the inner transformation's output on lowrank_grad
+
+
+# (leaf, aux) -> (canonical full-size update, new aux); aux is the leaf's entry of the state
+# field named by ``aux=`` (``None`` without it).
+LeafFn = Callable[[LeafStep, Any], tuple[jax.Array, Any]]
 
 
 def _check_int(name: str, value: Any, method: str, hint: str = "") -> int:
@@ -101,7 +137,8 @@ class ProjectedCore:
       seed: seed of the key used by the randomized and random bases.
       adaptive_refresh: per-matrix lazy refresh (:mod:`~lowrank_jax.transforms._adaptive`);
         needs ``on_refresh="keep"``.
-      basis_fn: ``(plan, key) -> Projector``: regenerate every projector each step from a key
+      basis_fn: ``(plan, key_of) -> Projector``: regenerate every projector each step, where
+        ``key_of(m)`` is the key of the leaf's matrix ``m`` for the current period
         that changes every ``update_proj_gap`` steps, instead of storing it (APOLLO); needs
         ``on_refresh`` ``"keep"`` or ``"reset"``.
     """
@@ -121,7 +158,7 @@ class ProjectedCore:
         projector_dtype: Any,
         seed: int,
         adaptive_refresh: _adaptive.AdaptiveRefresh | None = None,
-        basis_fn: Callable[[LeafPlan, jax.Array], Projector] | None = None,
+        basis_fn: Callable[[LeafPlan, Callable], Projector] | None = None,
     ):
         hint = " Under optax.inject_hyperparams pass static_args=('rank',)."
         self.rank = _check_int("rank", rank, method, hint)
@@ -183,7 +220,7 @@ class ProjectedCore:
                     "(it then gets the inner optimizer at full shape)."
                 )
             leaf_dims = leaf_dims.normalize(leaf.ndim, path)
-            shape = canonical_shape(tuple(leaf.shape), leaf_dims)
+            shape = leaf_dims.canonical_shape(tuple(leaf.shape))
             n_in, n_out = shape[-2:]
             rank = min(self.rank, n_in, n_out)
             if warn and rank < self.rank:
@@ -201,41 +238,42 @@ class ProjectedCore:
     def _dtype(self, leaf: Any) -> Any:
         return leaf.dtype if self.projector_dtype is None else self.projector_dtype
 
-    def init(self, params: Any) -> tuple[jax.Array, jax.Array, Any, Any, Any]:
-        """``(count, key, projectors, lowrank_state, fullrank_state)`` for ``params``.
+    def init(self, params: Any) -> dict[str, Any]:
+        """The shared state fields for ``params``, by name.
 
-        ``projectors`` is ``None`` with ``basis_fn`` (nothing is stored).
+        ``count``, ``key``, ``projectors`` (``None`` with ``basis_fn``: nothing is stored),
+        ``lowrank_state``, ``fullrank_state``, and ``refresh_state`` with adaptive refresh.
         """
         treedef, leaves, plans = self.plan(params, warn=True)
-        projectors = None if self.basis_fn else [
+        projectors = None if self.basis_fn else treedef.unflatten([
             projection.identity_projector(p.shape, p.side, p.rank, self._dtype(leaf))
             if p
             else MaskedNode()
             for p, leaf in zip(plans, leaves, strict=True)
-        ]
-        return (
-            jnp.zeros([], jnp.int32),
-            new_key(self.seed),
-            None if projectors is None else treedef.unflatten(projectors),
-            self.inner.init(self._lowrank_template(treedef, leaves, plans)),
-            self.inner.init(
+        ])
+        fields = dict(
+            count=jnp.zeros([], jnp.int32),
+            key=new_key(self.seed),
+            projectors=projectors,
+            lowrank_state=self.inner.init(self._lowrank_template(treedef, leaves, plans)),
+            fullrank_state=self.inner.init(
                 treedef.unflatten([MaskedNode() if p else x for p, x in zip(plans, leaves)])
             ),
         )
-
-    def init_refresh(self, params: Any) -> Any:
-        """The per-leaf :class:`~._adaptive.RefreshState` tree, or ``None`` without it."""
-        if self.adaptive_refresh is None:
-            return None
-        treedef, _, plans = self.plan(params)
-        return treedef.unflatten(
-            [
+        if self.adaptive_refresh is not None:
+            fields["refresh_state"] = treedef.unflatten([
                 _adaptive.init_state(p.shape[:-2], self.update_proj_gap, self.adaptive_refresh)
                 if p
                 else MaskedNode()
                 for p in plans
-            ]
-        )
+            ])
+        return fields
+
+    def init_leaves(self, params: Any, make: Callable[[LeafPlan], Any]) -> Any:
+        """A tree with ``make(plan)`` at each targeted leaf and ``MaskedNode`` elsewhere
+        (a method's own per-matrix state, e.g. Fira's limiter norms)."""
+        treedef, _, plans = self.plan(params)
+        return treedef.unflatten([make(p) if p else MaskedNode() for p in plans])
 
     def _lowrank_template(self, treedef: Any, leaves: list, plans: list) -> Any:
         return treedef.unflatten(
@@ -246,75 +284,85 @@ class ProjectedCore:
         )
 
     # ------------------------------------------------------------------ update
-    def step(
+    def update(
         self,
         updates: Any,
-        count: jax.Array,
-        key: jax.Array,
-        projectors: Any,
-        lowrank_state: Any,
-        fullrank_state: Any,
-        params: Any = None,
+        state: Any,
+        params: Any,
+        leaf_fn: LeafFn,
         *,
-        refresh_state: Any = None,
+        aux: str | None = None,
         **extra_args: Any,
-    ) -> Step:
-        """Refreshes projectors when due, projects, and runs the inner transformation."""
+    ) -> tuple[Any, Any]:
+        """One step: refresh when due, project, run ``inner``, and map each leaf back.
+
+        Args:
+          updates: the gradients.
+          state: a NamedTuple with the fields of :meth:`init` (and ``aux``, if given).
+          params: the parameters (passed to ``inner`` for the untargeted leaves) or ``None``.
+          leaf_fn: ``(LeafStep, aux) -> (update, new_aux)`` for each targeted leaf; the update
+            is in the canonical layout and is cast back to the gradient's dtype and layout.
+          aux: the name of a per-leaf state field (``MaskedNode`` at untargeted leaves, or
+            ``None``) that ``leaf_fn`` reads and rewrites.
+          **extra_args: passed to ``inner``.
+
+        Returns:
+          ``(updates, state._replace(...))`` with the shared fields (and ``aux``) advanced.
+        """
         treedef, leaves, plans = self.plan(updates)
-        old = self.flatten_state(treedef, plans, projectors)
-        grads = [to_canonical(g, p.dims) if p else g for p, g in zip(plans, leaves)]
+        old = self.flatten_state(treedef, plans, state.projectors)
+        grads = [p.dims.to_canonical(g) if p else g for p, g in zip(plans, leaves)]
+        count, lowrank_state = state.count, state.lowrank_state
         refresh = count % self.update_proj_gap == 0
-        refresh_key = jax.random.fold_in(wrap_key(key), count)
-        # With basis_fn or adaptive_refresh the projectors are final after this block.
-        done = self.basis_fn is not None or self.adaptive_refresh is not None
+        refresh_key = jax.random.fold_in(wrap_key(state.key), count)
+        changes: dict[str, Any] = {}
         if self.basis_fn is not None:
             # Regenerated, not stored: the key of the current period's refresh step.
-            period_key = jax.random.fold_in(wrap_key(key), count - count % self.update_proj_gap)
-            old = [
-                self.basis_fn(p, jax.random.fold_in(period_key, i)) if p else MaskedNode()
-                for i, p in enumerate(plans)
+            period = count - count % self.update_proj_gap
+            period_key = jax.random.fold_in(wrap_key(state.key), period)
+            projectors = [
+                self.basis_fn(p, functools.partial(matrix_key, period_key, p))
+                if p
+                else MaskedNode()
+                for p in plans
             ]
         elif self.adaptive_refresh is not None:
-            old, refresh_state, refresh = self._adaptive_step(
-                plans, grads, old, count, refresh_key, treedef.flatten_up_to(refresh_state)
+            projectors, refresh_states, refresh = self._adaptive_step(
+                plans, grads, old, count, refresh_key,
+                treedef.flatten_up_to(state.refresh_state),
             )
-            refresh_state = treedef.unflatten(refresh_state)
-
-        def new_projectors() -> list:
-            return [
-                self._new_projector(p, g, q, jax.random.fold_in(refresh_key, i)) if p else q
-                for i, (p, g, q) in enumerate(zip(plans, grads, old))
-            ]
-
-        if done:
-            new_projectors = old
-            if self.on_refresh == "reset":
-                template = self._lowrank_template(treedef, leaves, plans)
-                lowrank_state = jax.lax.cond(
-                    refresh, lambda: self.inner.init(template), lambda: lowrank_state
-                )
+            changes["refresh_state"] = treedef.unflatten(refresh_states)
         elif self.on_refresh == "keep":
             # Only the projectors go through the cond: the moments are not copied.
-            new_projectors = jax.lax.cond(refresh, new_projectors, lambda: old)
-        else:
+            projectors = jax.lax.cond(
+                refresh, lambda: self._refreshed(plans, grads, old, refresh_key), lambda: old
+            )
+        if self.on_refresh == "reset":
+            fresh = lambda: self.inner.init(self._lowrank_template(treedef, leaves, plans))
+            if self.basis_fn is not None:
+                lowrank_state = jax.lax.cond(refresh, fresh, lambda: lowrank_state)
+            else:
+                projectors, lowrank_state = jax.lax.cond(
+                    refresh,
+                    lambda: (self._refreshed(plans, grads, old, refresh_key), fresh()),
+                    lambda: (old, lowrank_state),
+                )
+        elif self.on_refresh == "reproject":
 
-            def refreshed() -> tuple[list, Any]:
-                new = new_projectors()
-                if self.on_refresh == "reset":
-                    return new, self.inner.init(self._lowrank_template(treedef, leaves, plans))
+            def reprojected() -> tuple[list, Any]:
+                new = self._refreshed(plans, grads, old, refresh_key)
                 return new, self._reproject(lowrank_state, treedef, leaves, plans, old, new)
 
-            new_projectors, lowrank_state = jax.lax.cond(
-                refresh, refreshed, lambda: (old, lowrank_state)
+            projectors, lowrank_state = jax.lax.cond(
+                refresh, reprojected, lambda: (old, lowrank_state)
             )
         lowrank_grads = [
-            projection.project(g, q) if p else None
-            for p, g, q in zip(plans, grads, new_projectors)
+            projection.project(g, q) if p else MaskedNode()
+            for p, g, q in zip(plans, grads, projectors)
         ]
-        low_tree = treedef.unflatten(
-            [x if p else MaskedNode() for p, x in zip(plans, lowrank_grads)]
+        low_updates, lowrank_state = self.inner.update(
+            treedef.unflatten(lowrank_grads), lowrank_state, None, **extra_args
         )
-        low_updates, lowrank_state = self.inner.update(low_tree, lowrank_state, None, **extra_args)
         full_tree = treedef.unflatten([MaskedNode() if p else g for p, g in zip(plans, leaves)])
         full_params = (
             None
@@ -324,52 +372,44 @@ class ProjectedCore:
             )
         )
         full_updates, fullrank_state = self.inner.update(
-            full_tree, fullrank_state, full_params, **extra_args
+            full_tree, state.fullrank_state, full_params, **extra_args
         )
+        aux_in = [None] * len(plans) if aux is None else treedef.flatten_up_to(getattr(state, aux))
+        out, aux_out = [], []
         low_list = treedef.flatten_up_to(low_updates)
         full_list = treedef.flatten_up_to(full_updates)
-        return Step(
-            treedef=treedef,
-            plans=plans,
-            grads=grads,
-            dtypes=[g.dtype for g in leaves],
-            projectors=new_projectors,
-            lowrank_grads=lowrank_grads,
-            lowrank_updates=[u if p else None for p, u in zip(plans, low_list)],
-            fullrank_updates=[None if p else u for p, u in zip(plans, full_list)],
-            refresh=refresh,
-            count=count,
+        for i, p in enumerate(plans):
+            if p is None:
+                out.append(full_list[i])
+                aux_out.append(aux_in[i])
+                continue
+            leaf = LeafStep(p, grads[i], projectors[i], lowrank_grads[i], low_list[i])
+            u, a = leaf_fn(leaf, aux_in[i])
+            out.append(p.dims.from_canonical(u).astype(leaves[i].dtype))
+            aux_out.append(a)
+        changes.update(
+            count=safe_increment(count),
+            projectors=None if self.basis_fn else treedef.unflatten(projectors),
             lowrank_state=lowrank_state,
             fullrank_state=fullrank_state,
-            refresh_state=refresh_state,
         )
-
-    @staticmethod
-    def finish(step: Step, transform: Callable[[LeafPlan, int], jax.Array]) -> Any:
-        """The full update tree: ``transform(plan, i)`` (canonical layout) for targeted leaf i."""
-        out = [
-            full if p is None else from_canonical(transform(p, i), p.dims).astype(step.dtypes[i])
-            for i, (p, full) in enumerate(zip(step.plans, step.fullrank_updates))
-        ]
-        return step.treedef.unflatten(out)
-
-    def projectors_tree(self, step: Step) -> Any:
-        """The projectors to store (``None`` with ``basis_fn``: they are regenerated)."""
-        return None if self.basis_fn else step.treedef.unflatten(step.projectors)
+        if aux is not None:
+            changes[aux] = treedef.unflatten(aux_out)
+        return treedef.unflatten(out), state._replace(**changes)
 
     # ------------------------------------------------------------------ internals
     def _adaptive_step(
         self, plans: list, grads: list, old: list, count: jax.Array, key: Any, states: list
     ) -> tuple[list, list, jax.Array]:
         new, new_states, due = [], [], jnp.zeros([], bool)
-        for i, (p, g, q, s) in enumerate(zip(plans, grads, old, states)):
+        for p, g, q, s in zip(plans, grads, old, states):
             if p is None:
                 new.append(q)
                 new_states.append(s)
                 continue
             compute = lambda g_m, q_m, k, p=p: self._new_projector(p, g_m, q_m, k)
             q, s, leaf_due = _adaptive.refresh_leaf(
-                p.shape[:-2], g, q, s, count, jax.random.fold_in(key, i), compute,
+                p.shape[:-2], g, q, s, count, functools.partial(matrix_key, key, p), compute,
                 self.adaptive_refresh,
             )
             new.append(q)
@@ -398,21 +438,79 @@ class ProjectedCore:
         return old
 
     def _new_projector(self, plan: LeafPlan, g: jax.Array, old: Projector, key: Any) -> Projector:
+        """The new projector of one ``(in, out)`` matrix; a non-finite gradient (or a failed
+        decomposition) keeps ``old``."""
         new = projection.compute_projector(
             g, plan.side, plan.rank, self.basis, key, self._dtype(g)
         )
-        # A non-finite gradient (or a failed decomposition) keeps the previous basis.
-        ok = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+        ok = jnp.all(jnp.isfinite(g))
 
         def guard(new_b: jax.Array | None, old_b: jax.Array | None) -> jax.Array | None:
             if new_b is None:
                 return None
-            good = ok & jnp.all(jnp.isfinite(new_b), axis=(-2, -1))
-            return jnp.where(good[..., None, None], new_b, old_b)
+            return jnp.where(ok & jnp.all(jnp.isfinite(new_b)), new_b, old_b)
 
         return Projector(
             guard(new.in_basis, old.in_basis), guard(new.out_basis, old.out_basis)
         )
+
+    def _refreshed(self, plans: list, grads: list, old: list, key: jax.Array) -> list:
+        """New projectors of every targeted leaf, decomposing one matrix at a time.
+
+        Matrices of the same shape (the layers of a stacked ``[L, in, out]`` leaf, and the
+        same-shaped leaves of unstacked layers) go through one ``lax.map``: each iteration
+        picks its matrix (a ``lax.switch`` over the leaves, a dynamic index over the batch
+        axes), upcasts it and decomposes it. So a refresh's workspace is that of the largest
+        single matrix, not of the model, and the compiled program holds one decomposition per
+        distinct matrix shape, whatever the number of layers.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(plans):
+            if p is not None:
+                signature = (p.shape[-2:], p.side, p.rank, grads[i].dtype, self._dtype(grads[i]))
+                groups.setdefault(signature, []).append(i)
+        new = list(old)
+        for members in groups.values():
+            for i, projector in zip(members, self._refresh_group(members, plans, grads, old, key)):
+                new[i] = projector
+        return new
+
+    def _refresh_group(
+        self, members: list[int], plans: list, grads: list, old: list, key: jax.Array
+    ) -> list[Projector]:
+        plan = plans[members[0]]
+        sizes = [math.prod(plans[i].shape[:-2]) for i in members]
+        flat = lambda x, n: None if x is None else x.reshape(n, *x.shape[-2:])
+        g_flat = [flat(grads[i], n) for i, n in zip(members, sizes)]
+        old_flat = [jax.tree.map(lambda b, n=n: flat(b, n), old[i]) for i, n in zip(members, sizes)]
+        if len(members) == 1 and sizes[0] == 1:  # one matrix: no loop
+            new = self._new_projector(plan, g_flat[0][0], jax.tree.map(lambda b: b[0], old_flat[0]),
+                                      matrix_key(key, plan, 0))
+            return [jax.tree.map(lambda b: b.reshape(*plan.shape[:-2], *b.shape), new)]
+        starts = np.cumsum([0, *sizes[:-1]])
+
+        def one(index: jax.Array) -> Projector:
+            member = jnp.searchsorted(jnp.asarray(starts[1:]), index, side="right")
+            local = index - jnp.asarray(starts)[member]
+
+            def pick(b: int) -> tuple[jax.Array, Projector, jax.Array]:
+                take = lambda x: jax.lax.dynamic_index_in_dim(x, local, keepdims=False)
+                return take(g_flat[b]), jax.tree.map(take, old_flat[b]), matrix_key(
+                    key, plans[members[b]], local
+                )
+
+            g, q, k = jax.lax.switch(member, [lambda b=b: pick(b) for b in range(len(members))])
+            return self._new_projector(plan, g, q, k)
+
+        stacked = jax.lax.map(one, jnp.arange(sum(sizes)))
+        out = []
+        for i, start, n in zip(members, starts, sizes):
+            batch = plans[i].shape[:-2]
+            unstack = lambda b, start=start, n=n, batch=batch: b[start : start + n].reshape(
+                *batch, *b.shape[1:]
+            )
+            out.append(jax.tree.map(unstack, stacked))
+        return out
 
     def _reproject(
         self, state: Any, treedef: Any, leaves: list, plans: list, old: list, new: list

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lowrank_jax.kernels as K
-from lowrank_jax.transforms.torch_style import scale_by_adam_hf
+from lowrank_jax.transforms._torch_style import scale_by_adam_hf
 
 CONSTS = dict(b1=0.9, b2=0.999, eps=1e-6)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import lowrank_jax.kernels as K
-from lowrank_jax.transforms.quantized import QuantizedArray, scale_by_adam_8bit
+from lowrank_jax.quantization import QuantizedArray
+from lowrank_jax.transforms import scale_by_adam_8bit
 
 CONSTS = dict(b1=0.9, b2=0.999, eps=1e-8)
 BLOCK = 256

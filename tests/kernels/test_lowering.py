@@ -11,7 +11,7 @@ import pytest
 from jax.export import DisabledSafetyCheck
 
 import lowrank_jax.kernels as K
-from lowrank_jax.transforms.quantized import QuantizedArray
+from lowrank_jax.quantization import QuantizedArray
 
 PLATFORMS = {"triton": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
 

@@ -1,4 +1,4 @@
-"""8-bit block-wise quantize/dequantize kernels: bit for bit ``transforms/quantized.py``."""
+"""8-bit block-wise quantize/dequantize kernels: bit for bit the format's jnp reference."""
 
 import functools
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import lowrank_jax.kernels as K
-from lowrank_jax.kernels._codes import code_table
-from lowrank_jax.transforms import quantized
+from lowrank_jax import quantization as Q
+from lowrank_jax.quantization import code_map
 
 BLOCK = 256
 
@@ -20,7 +20,7 @@ def boundary_input(signed, quantization):
     Each block starts with 1.0, so its absmax is 1 and the kernel sees these exact values; then
     a block scaled by 3.7, an all-zero block and a 77-element tail (padding).
     """
-    table = code_table(signed, quantization)
+    table = code_map(signed, quantization)
     mids = ((table[:-1].astype(np.float64) + table[1:]) / 2).astype(np.float32)
     low = -1.0 if signed else 0.0
     rng = np.random.default_rng(0)
@@ -51,10 +51,10 @@ def jitted(fn, **kwargs):
 
 @pytest.mark.parametrize("quantization", ["dynamic", "linear"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_kernels_equal_quantized_py_bit_for_bit(signed, quantization):
+def test_kernels_equal_the_reference_bit_for_bit(signed, quantization):
     fmt = dict(signed=signed, quantization=quantization)
     x = boundary_input(signed, quantization)
-    want = jitted(quantized.quantize_blockwise, **fmt)(x, BLOCK)
+    want = jitted(Q.quantize_blockwise, **fmt)(x, BLOCK)
     got = jitted(K.quantize_blockwise_pallas, interpret=True, block_rows=4, **fmt)(x, BLOCK)
     np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
     np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
@@ -63,43 +63,28 @@ def test_kernels_equal_quantized_py_bit_for_bit(signed, quantization):
     assert np.unique(np.asarray(want.codes)).size >= 255
     back = jitted(K.dequantize_blockwise_pallas, interpret=True, block_rows=4, **fmt)(want, BLOCK)
     np.testing.assert_array_equal(
-        np.asarray(back), np.asarray(jitted(quantized.dequantize_blockwise, **fmt)(want, BLOCK))
+        np.asarray(back), np.asarray(jitted(Q.dequantize_blockwise, **fmt)(want, BLOCK))
     )
-
-
-def test_references_equal_quantized_py_bit_for_bit():
-    for signed in (True, False):
-        for quantization in ("dynamic", "linear"):
-            fmt = dict(signed=signed, quantization=quantization)
-            x = boundary_input(signed, quantization)
-            want = jitted(quantized.quantize_blockwise, **fmt)(x, BLOCK)
-            got = jitted(K.quantize_blockwise_reference, **fmt)(x, BLOCK)
-            np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
-            np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
-            np.testing.assert_array_equal(
-                np.asarray(jitted(K.dequantize_blockwise_reference, **fmt)(want, BLOCK)),
-                np.asarray(jitted(quantized.dequantize_blockwise, **fmt)(want, BLOCK)),
-            )
 
 
 def test_tpu_variant_and_bfloat16_input():
     """The TPU gather (two 128-lane take_along_axis) on the TPU interpreter; bf16 upcast."""
     fmt = dict(signed=True, quantization="dynamic")
     x = boundary_input(True, "dynamic")[: 4 * BLOCK].astype(jnp.bfloat16).reshape(8, 128)
-    want = jitted(quantized.quantize_blockwise, **fmt)(x, BLOCK)
+    want = jitted(Q.quantize_blockwise, **fmt)(x, BLOCK)
     got = jitted(K.quantize_blockwise_pallas, target="tpu", interpret=True, **fmt)(x, BLOCK)
     np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
     np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
     back = jitted(K.dequantize_blockwise_pallas, target="tpu", interpret=True, **fmt)(want, BLOCK)
     np.testing.assert_array_equal(
-        np.asarray(back), np.asarray(jitted(quantized.dequantize_blockwise, **fmt)(want, BLOCK))
+        np.asarray(back), np.asarray(jitted(Q.dequantize_blockwise, **fmt)(want, BLOCK))
     )
 
 
 def test_larger_block_size_uses_several_lane_chunks():
     fmt = dict(signed=False, quantization="dynamic")
     x = jnp.square(jax.random.normal(jax.random.key(0), (3, 700)))
-    want = jitted(quantized.quantize_blockwise, **fmt)(x, 512)
+    want = jitted(Q.quantize_blockwise, **fmt)(x, 512)
     got = jitted(K.quantize_blockwise, mode="interpret", **fmt)(x, 512)
     np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
     np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
@@ -152,5 +137,5 @@ def test_bad_inputs_raise(call, match):
 def test_unsupported_block_size_falls_back_to_the_reference_in_auto_mode():
     x = jnp.linspace(-1, 1, 300)
     q = jitted(K.quantize_blockwise, signed=True)(x, 64)
-    want = jitted(quantized.quantize_blockwise, signed=True)(x, 64)
+    want = jitted(Q.quantize_blockwise, signed=True)(x, 64)
     np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(want.codes))

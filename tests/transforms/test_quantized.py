@@ -8,8 +8,8 @@ import pytest
 
 from lowrank_jax import memory
 from lowrank_jax.optimizers import adamw_8bit, galore_adamw_8bit
+from lowrank_jax.quantization import code_map, dequantize_blockwise, quantize_blockwise
 from lowrank_jax.transforms import QuantizedArray, galore, scale_by_adam_8bit
-from lowrank_jax.transforms.quantized import code_map, dequantize_blockwise, quantize_blockwise
 from tests.helpers import run_steps
 
 SDS = jax.ShapeDtypeStruct

@@ -11,8 +11,7 @@ from lowrank_jax import projection
 from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
-from lowrank_jax.transforms._common import safe_increment
-from lowrank_jax.transforms._lowrank import ProjectedCore
+from lowrank_jax.transforms._lowrank import LeafStep, ProjectedCore
 
 __all__ = ["GaLoreState", "galore"]
 
@@ -131,35 +130,14 @@ def galore(
     )
 
     def init_fn(params: Any) -> GaLoreState:
-        return GaLoreState(*core.init(params), refresh_state=core.init_refresh(params))
+        return GaLoreState(**core.init(params))
+
+    def back(leaf: LeafStep, aux: None) -> tuple[jax.Array, None]:
+        return projection.project_back(leaf.lowrank_update, leaf.projector) * scale, aux
 
     def update_fn(
         updates: Any, state: GaLoreState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, GaLoreState]:
-        step = core.step(
-            updates,
-            state.count,
-            state.key,
-            state.projectors,
-            state.lowrank_state,
-            state.fullrank_state,
-            params,
-            refresh_state=state.refresh_state,
-            **extra_args,
-        )
-
-        def back(plan: Any, i: int) -> jax.Array:
-            n = projection.project_back(step.lowrank_updates[i], step.projectors[i])
-            return n * scale
-
-        new_updates = core.finish(step, back)
-        return new_updates, GaLoreState(
-            count=safe_increment(state.count),
-            key=state.key,
-            projectors=core.projectors_tree(step),
-            lowrank_state=step.lowrank_state,
-            fullrank_state=step.fullrank_state,
-            refresh_state=step.refresh_state,
-        )
+        return core.update(updates, state, params, back, **extra_args)
 
     return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -10,10 +10,8 @@ import optax
 from lowrank_jax import projection
 from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
-from lowrank_jax.train.registry import register_optimizer
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
-from lowrank_jax.transforms._common import MaskedNode, safe_increment
-from lowrank_jax.transforms._lowrank import ProjectedCore
+from lowrank_jax.transforms._lowrank import LeafStep, ProjectedCore
 from lowrank_jax.transforms._norm_scaling import (
     SCALE_TYPES,
     compressed_axis,
@@ -145,83 +143,30 @@ def fira(
     )
 
     def init_fn(params: Any) -> FiraState:
-        count, key, projectors, low, full = core.init(params)
-        norms = None
-        if limiter is not None:
-            treedef, _, plans = core.plan(params)
-            norms = treedef.unflatten(
-                [init_norms(p.shape) if p else MaskedNode() for p in plans]
-            )
-        return FiraState(count, key, projectors, low, full, norms, core.init_refresh(params))
+        norms = None if limiter is None else core.init_leaves(params, lambda p: init_norms(p.shape))
+        return FiraState(**core.init(params), limiter_norms=norms)
 
     def update_fn(
         updates: Any, state: FiraState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, FiraState]:
-        step = core.step(
-            updates,
-            state.count,
-            state.key,
-            state.projectors,
-            state.lowrank_state,
-            state.fullrank_state,
-            params,
-            refresh_state=state.refresh_state,
-            **extra_args,
-        )
-        norms = None if limiter is None else step.treedef.flatten_up_to(state.limiter_norms)
         first = state.count == 0
 
-        def full_update(plan: Any, i: int) -> jax.Array:
-            g, r = step.grads[i], step.lowrank_grads[i]
-            n, q = step.lowrank_updates[i], step.projectors[i]
-            axis = None if scale_type == "tensor" else compressed_axis(plan.side, "fira")
+        def full_update(leaf: LeafStep, norm: Any) -> tuple[jax.Array, Any]:
+            g, r, n, q = leaf.grad, leaf.lowrank_grad, leaf.lowrank_update, leaf.projector
+            axis = None if scale_type == "tensor" else compressed_axis(leaf.plan.side, "fira")
             phi = gain(n, r, axis).astype(g.dtype)
             in_subspace = projection.project_back(r, q)
             if variant == "code":
                 in_subspace = in_subspace * scale
             residual = (g - in_subspace) * phi
-            if norms is not None:
-                residual, norms[i] = limit_norm_growth(residual, norms[i], first, limiter)
+            if limiter is not None:
+                residual, norm = limit_norm_growth(residual, norm, first, limiter)
             back = projection.project_back(n, q)
             if variant == "code":
-                return back * scale + residual
-            return (back + residual) * scale
+                return back * scale + residual, norm
+            return (back + residual) * scale, norm
 
-        new_updates = core.finish(step, full_update)
-        return new_updates, FiraState(
-            count=safe_increment(state.count),
-            key=state.key,
-            projectors=core.projectors_tree(step),
-            lowrank_state=step.lowrank_state,
-            fullrank_state=step.fullrank_state,
-            limiter_norms=None if norms is None else step.treedef.unflatten(norms),
-            refresh_state=step.refresh_state,
-        )
+        aux = None if limiter is None else "limiter_norms"
+        return core.update(updates, state, params, full_update, aux=aux, **extra_args)
 
     return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
-
-
-def _registry_factory(args: Any) -> optax.GradientTransformation:
-    from lowrank_jax.optimizers import fira_adamw
-
-    options = dict(
-        rank=args.rank,
-        update_proj_gap=args.update_proj_gap,
-        scale=args.scale,
-        b1=args.b1,
-        b2=args.b2,
-        eps=1e-6 if args.eps is None else args.eps,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    return fira_adamw(args.learning_rate, **{**options, **args.extra})
-
-
-# Fira's scripts: lr 0.01 and alpha 0.25 below 1B (the trainer's default scale).
-register_optimizer(
-    "fira",
-    _registry_factory,
-    help="lowrank_jax.fira_adamw (Fira-AdamW as the fira package)",
-    default_lr=1e-2,
-    low_rank=True,
-)

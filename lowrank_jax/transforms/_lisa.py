@@ -13,7 +13,6 @@ import optax
 
 from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets, path_str, resolve
-from lowrank_jax.train.registry import register_optimizer
 from lowrank_jax.transforms._common import MaskedNode, new_key, safe_increment, wrap_key
 from lowrank_jax.transforms._lowrank import _check_int
 
@@ -412,25 +411,3 @@ def lisa(
         )
 
     return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
-
-
-def _registry_factory(args: Any) -> optax.GradientTransformation:
-    from lowrank_jax.optimizers import lisa_adamw
-
-    options = dict(
-        b1=args.b1,
-        b2=args.b2,
-        eps=1e-8 if args.eps is None else args.eps,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    return lisa_adamw(args.learning_rate, **{**options, **args.extra})
-
-
-register_optimizer(
-    "lisa",
-    _registry_factory,
-    help="lowrank_jax.lisa_adamw (2 sampled layers every 20 steps + embedding/norm/head; "
-    "--opt n_active=... interval=...)",
-    default_lr=1e-3,
-)

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax.targets import Targets, resolve, resolve_dims
-from lowrank_jax.train.registry import register_optimizer
-from lowrank_jax.transforms._common import to_canonical
-from lowrank_jax.transforms.lisa import LAYER_PATTERN, STACKED_PATTERN, partition
+from lowrank_jax.transforms._lisa import LAYER_PATTERN, STACKED_PATTERN, partition
 
 __all__ = ["feature_norms", "outlier_scores", "owl_probabilities"]
 
@@ -97,7 +95,7 @@ def outlier_scores(
                 "(feature_norms of the activations entering it), or leave it out of targets."
             )
         d = dims_list[i].normalize(np.ndim(leaves[i]), path)
-        w = np.abs(np.asarray(to_canonical(jnp.asarray(leaves[i], jnp.float32), d)))
+        w = np.abs(np.asarray(d.to_canonical(jnp.asarray(leaves[i], jnp.float32))))
         x = np.asarray(input_norms[path], np.float64)
         expected = w.shape[:-1]
         if kind == "layer" and x.shape == w.shape[-2:-1]:
@@ -135,34 +133,3 @@ def owl_probabilities(scores: Any) -> np.ndarray:
             f"if no weight is an outlier. Got {s.tolist()}."
         )
     return s / s.sum()
-
-
-def _registry_factory(args: Any) -> Any:
-    from lowrank_jax.optimizers import owlore_adamw
-
-    extra = dict(args.extra)
-    if "probs" not in extra:
-        raise ValueError(
-            "owlore needs the layer probabilities: --opt probs=[p_0,...,p_{L-1}] (from "
-            "lowrank_jax.transforms.owl_probabilities(outlier_scores(params, input_norms)))."
-        )
-    options = dict(
-        rank=args.rank,
-        update_proj_gap=args.update_proj_gap,
-        b1=args.b1,
-        b2=args.b2,
-        eps=1e-6 if args.eps is None else args.eps,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    return owlore_adamw(args.learning_rate, **{**options, **extra})
-
-
-# OwLore's script: lr 3e-4, GaLore scale 1.0 (not the trainer's --scale default).
-register_optimizer(
-    "owlore",
-    _registry_factory,
-    help="lowrank_jax.owlore_adamw (outlier-weighted layer sampling + GaLore; --opt probs=[...])",
-    default_lr=3e-4,
-    low_rank=True,
-)

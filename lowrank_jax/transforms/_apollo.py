@@ -13,9 +13,7 @@ import optax
 from lowrank_jax.projection import Projector
 from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
-from lowrank_jax.train.registry import register_optimizer
-from lowrank_jax.transforms._common import MaskedNode, safe_increment
-from lowrank_jax.transforms._lowrank import LeafPlan, ProjectedCore
+from lowrank_jax.transforms._lowrank import LeafPlan, LeafStep, ProjectedCore
 from lowrank_jax.transforms._norm_scaling import (
     SCALE_TYPES,
     compressed_axis,
@@ -37,7 +35,8 @@ class ApolloState(NamedTuple):
     Attributes:
       count: updates applied so far (``int32``).
       key: ``uint32[2]`` key data; with ``proj="random"`` the projections are regenerated from
-        it every step (the key of period ``⌊t/T⌋`` of leaf ``i``), never stored.
+        it every step (one key per matrix, from the period ``⌊t/T⌋``, the leaf's path and the
+        matrix's index), never stored.
       projectors: ``None`` for regenerated projections; with ``proj="svd"`` the stored bases
         (:class:`~lowrank_jax.projection.Projector` per targeted leaf).
       lowrank_state: the inner state over the projected gradients (the auxiliary moments).
@@ -145,12 +144,16 @@ def apollo(
         )
     if isinstance(limiter, (int, float)) and not limiter >= 1.0:
         raise ValueError(f"apollo: limiter (γ) must be >= 1 or None, got {limiter!r}.")
-    projection_fn = gaussian_projection if proj == "random" else proj
 
-    def regenerate(plan: LeafPlan, key: jax.Array) -> Projector:
+    def regenerate(plan: LeafPlan, key_of: Callable[[Any], jax.Array]) -> Projector:
         *batch, n_in, n_out = plan.shape
         dim = n_in if plan.side == "in" else n_out
-        basis = jnp.asarray(projection_fn(plan.path, (*batch, dim, plan.rank), key))
+        if proj == "random":  # one key per matrix: a layer slice draws what the stack draws
+            n = math.prod(batch)
+            draw = lambda m: gaussian_projection(plan.path, (dim, plan.rank), key_of(m))
+            basis = jax.vmap(draw)(jnp.arange(n)).reshape(*batch, dim, plan.rank)
+        else:
+            basis = jnp.asarray(proj(plan.path, (*batch, dim, plan.rank), key_of(0)))
         if basis.shape != (*batch, dim, plan.rank):
             raise ValueError(
                 f"apollo: proj returned shape {basis.shape} for leaf '{plan.path}'; expected "
@@ -176,85 +179,28 @@ def apollo(
     )
 
     def init_fn(params: Any) -> ApolloState:
-        count, key, projectors, low, full = core.init(params)
-        treedef, _, plans = core.plan(params)
-        norms = treedef.unflatten(
-            [init_norms(p.shape) if p else MaskedNode() for p in plans]
-        )
-        return ApolloState(count, key, projectors, low, full, norms if limiter else None)
+        norms = None if limiter is None else core.init_leaves(params, lambda p: init_norms(p.shape))
+        return ApolloState(**core.init(params), limiter_norms=norms)
 
     def update_fn(
         updates: Any, state: ApolloState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, ApolloState]:
-        step = core.step(
-            updates,
-            state.count,
-            state.key,
-            state.projectors,
-            state.lowrank_state,
-            state.fullrank_state,
-            params,
-            **extra_args,
-        )
-        if limiter is not None:
-            norms = core.flatten_state(step.treedef, step.plans, state.limiter_norms)
         first = state.count == 0
         root = jnp.sqrt(jnp.asarray(scale, jnp.float32))
 
-        def full_update(plan: Any, i: int) -> jax.Array:
-            g = step.grads[i]
-            axis = None if scale_type == "tensor" else compressed_axis(plan.side, "apollo")
-            u = g * gain(step.lowrank_updates[i], step.lowrank_grads[i], axis).astype(g.dtype)
+        def full_update(leaf: LeafStep, norm: Any) -> tuple[jax.Array, Any]:
+            g = leaf.grad
+            axis = None if scale_type == "tensor" else compressed_axis(leaf.plan.side, "apollo")
+            u = g * gain(leaf.lowrank_update, leaf.lowrank_grad, axis).astype(g.dtype)
             if scale_front:
                 u = u * root.astype(g.dtype)
             if limiter is not None:
-                u, norms[i] = limit_norm_growth(u, norms[i], first, limiter)
+                u, norm = limit_norm_growth(u, norm, first, limiter)
             if not scale_front:
                 u = u * root.astype(g.dtype)
-            return u
+            return u, norm
 
-        new_updates = core.finish(step, full_update)
-        return new_updates, ApolloState(
-            count=safe_increment(state.count),
-            key=state.key,
-            projectors=core.projectors_tree(step),
-            lowrank_state=step.lowrank_state,
-            fullrank_state=step.fullrank_state,
-            limiter_norms=step.treedef.unflatten(norms) if limiter is not None else None,
-        )
+        aux = None if limiter is None else "limiter_norms"
+        return core.update(updates, state, params, full_update, aux=aux, **extra_args)
 
     return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
-
-
-def _registry_factory(args: Any, mini: bool = False) -> optax.GradientTransformation:
-    from lowrank_jax.optimizers import apollo_adamw, apollo_mini
-
-    # APOLLO's `scale` is not GaLore's alpha: the trainer's --scale is not passed (use
-    # --opt scale=...); APOLLO-Mini keeps rank 1 unless --opt rank=... says otherwise.
-    options = dict(
-        update_proj_gap=args.update_proj_gap,
-        b1=args.b1,
-        b2=args.b2,
-        eps=1e-6 if args.eps is None else args.eps,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    if mini:
-        return apollo_mini(args.learning_rate, **{**options, **args.extra})
-    return apollo_adamw(args.learning_rate, **{**options, "rank": args.rank, **args.extra})
-
-
-# APOLLO's pretraining scripts: lr 0.01 for both.
-register_optimizer(
-    "apollo",
-    _registry_factory,
-    help="lowrank_jax.apollo_adamw (APOLLO as apollo-torch; random projection, channel scaling)",
-    default_lr=1e-2,
-    low_rank=True,
-)
-register_optimizer(
-    "apollo_mini",
-    lambda args: _registry_factory(args, mini=True),
-    help="lowrank_jax.apollo_mini (rank 1, tensor-wise scaling, scale 128)",
-    default_lr=1e-2,
-)

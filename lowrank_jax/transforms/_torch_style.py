@@ -17,7 +17,7 @@ import optax
 
 from lowrank_jax import kernels
 from lowrank_jax.sharding import auto_sharded
-from lowrank_jax.transforms._common import safe_increment
+from lowrank_jax.transforms._common import check_float_tree, safe_increment
 
 __all__ = [
     "ScaleByAdafactorHFState",
@@ -55,6 +55,7 @@ def scale_by_adam_hf(
     """
 
     def init_fn(params: Any) -> optax.ScaleByAdamState:
+        check_float_tree(params, "scale_by_adam_hf")
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         nu = optax.tree.zeros_like(params)
         return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
@@ -217,7 +218,9 @@ def decoupled_weight_decay(
 
     def update_fn(updates: Any, state: DecoupledWeightDecayState, params: Any = None):
         if params is None:
-            raise ValueError(optax._src.base.NO_PARAMS_MSG)
+            raise ValueError(
+                "decoupled_weight_decay needs the parameters: call update(updates, state, params)."
+            )
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         base = jax.tree.map(lambda u, p: p + u, updates, params) if after_update else params
         decayed = jax.tree.map(
