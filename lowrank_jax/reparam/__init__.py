@@ -107,3 +107,11 @@ __all__ = [
     "vera",
     "wrap",
 ]
+
+# The LoRA family, wave 2 (issue 14, items 1-7): one import per method module.
+from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
+
+__all__ += [
+    "WeGeFT",
+    "wegeft",
+]
