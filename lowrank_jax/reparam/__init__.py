@@ -109,9 +109,25 @@ __all__ = [
 ]
 
 # The LoRA family, wave 2 (issue 14, items 1-7): one import per method module.
+from lowrank_jax.reparam.sora import (  # noqa: E402
+    SoRA,
+    prox_l1,
+    sora,
+    sora_l1,
+    sora_optimizer,
+    sora_prune,
+    sora_rank,
+)
 from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
 
 __all__ += [
+    "SoRA",
     "WeGeFT",
+    "prox_l1",
+    "sora",
+    "sora_l1",
+    "sora_optimizer",
+    "sora_prune",
+    "sora_rank",
     "wegeft",
 ]
