@@ -109,6 +109,13 @@ __all__ = [
 ]
 
 # The LoRA family, wave 2 (issue 14, items 1-7): one import per method module.
+from lowrank_jax.reparam.dylora import (  # noqa: E402
+    DyLoRA,
+    dylora,
+    dylora_sample_rank,
+    dylora_set_rank,
+    dylora_truncate,
+)
 from lowrank_jax.reparam.sora import (  # noqa: E402
     SoRA,
     prox_l1,
@@ -121,6 +128,11 @@ from lowrank_jax.reparam.sora import (  # noqa: E402
 from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
 
 __all__ += [
+    "DyLoRA",
+    "dylora",
+    "dylora_sample_rank",
+    "dylora_set_rank",
+    "dylora_truncate",
     "SoRA",
     "WeGeFT",
     "prox_l1",
