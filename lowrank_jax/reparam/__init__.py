@@ -109,6 +109,14 @@ __all__ = [
 ]
 
 # The LoRA family, wave 2 (issue 14, items 1-7): one import per method module.
+from lowrank_jax.reparam.adalora import (  # noqa: E402
+    AdaLoRA,
+    AdaLoRASchedule,
+    AllocatorState,
+    adalora,
+    adalora_prune,
+    orthogonality_penalty,
+)
 from lowrank_jax.reparam.dylora import (  # noqa: E402
     DyLoRA,
     dylora,
@@ -128,6 +136,12 @@ from lowrank_jax.reparam.sora import (  # noqa: E402
 from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
 
 __all__ += [
+    "AdaLoRA",
+    "AdaLoRASchedule",
+    "AllocatorState",
+    "adalora",
+    "adalora_prune",
+    "orthogonality_penalty",
     "DyLoRA",
     "dylora",
     "dylora_sample_rank",
