@@ -124,6 +124,14 @@ from lowrank_jax.reparam.dylora import (  # noqa: E402
     dylora_set_rank,
     dylora_truncate,
 )
+from lowrank_jax.reparam.increlora import (  # noqa: E402
+    IncreLoRA,
+    IncreLoRASchedule,
+    IncreState,
+    increlora,
+    increlora_ranks,
+    increlora_value_and_grad,
+)
 from lowrank_jax.reparam.sora import (  # noqa: E402
     SoRA,
     prox_l1,
@@ -136,6 +144,12 @@ from lowrank_jax.reparam.sora import (  # noqa: E402
 from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
 
 __all__ += [
+    "IncreLoRA",
+    "IncreLoRASchedule",
+    "IncreState",
+    "increlora",
+    "increlora_ranks",
+    "increlora_value_and_grad",
     "AdaLoRA",
     "AdaLoRASchedule",
     "AllocatorState",
