@@ -132,6 +132,8 @@ from lowrank_jax.reparam.increlora import (  # noqa: E402
     increlora_ranks,
     increlora_value_and_grad,
 )
+from lowrank_jax.reparam.lamda import LaMDA, lamda, lamda_freeze_b  # noqa: E402
+from lowrank_jax.reparam.loldu import LoLDU, loldu  # noqa: E402
 from lowrank_jax.reparam.sora import (  # noqa: E402
     SoRA,
     prox_l1,
@@ -144,6 +146,11 @@ from lowrank_jax.reparam.sora import (  # noqa: E402
 from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
 
 __all__ += [
+    "LaMDA",
+    "LoLDU",
+    "lamda",
+    "lamda_freeze_b",
+    "loldu",
     "IncreLoRA",
     "IncreLoRASchedule",
     "IncreState",
