@@ -134,6 +134,8 @@ from lowrank_jax.reparam.increlora import (  # noqa: E402
 )
 from lowrank_jax.reparam.lamda import LaMDA, lamda, lamda_freeze_b  # noqa: E402
 from lowrank_jax.reparam.loldu import LoLDU, loldu  # noqa: E402
+from lowrank_jax.reparam.miss import MiSS, bone, miss  # noqa: E402
+from lowrank_jax.reparam.randlora import RandLoRA, randlora  # noqa: E402
 from lowrank_jax.reparam.sora import (  # noqa: E402
     SoRA,
     prox_l1,
@@ -146,6 +148,11 @@ from lowrank_jax.reparam.sora import (  # noqa: E402
 from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
 
 __all__ += [
+    "MiSS",
+    "RandLoRA",
+    "bone",
+    "miss",
+    "randlora",
     "LaMDA",
     "LoLDU",
     "lamda",

@@ -19,7 +19,7 @@ import numpy as np
 from tests.golden import peft_family_reference as ref
 
 OUT = pathlib.Path(__file__).with_name("peft_family.npz")
-RUNS = {"adalora": ref.run_adalora}
+RUNS = {"adalora": ref.run_adalora, "randlora": ref.run_randlora, "miss": ref.run_miss}
 
 
 def main() -> None:

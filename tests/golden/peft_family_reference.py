@@ -15,26 +15,35 @@ from types import SimpleNamespace
 import numpy as np
 
 SHAPES = {"q_proj": (6, 5), "v_proj": (6, 7)}  # (in, out)
+BLOCK_SHAPES = {"q_proj": (6, 4), "v_proj": (6, 8)}  # for MiSS mini and bat (r | in, out)
 X = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
 Y = np.random.default_rng(1).standard_normal((4, 12)).astype(np.float32)
 
 # AdaLoRA: init_r 4 -> target_r 2 over 12 steps; masking every 2 steps; 3 final steps.
 ADALORA = dict(
-    init_r=4, target_r=2, lora_alpha=8, tinit=2, tfinal=3, deltaT=2, total_step=12,
-    beta1=0.85, beta2=0.85, orth_reg_weight=0.5,
+    init_r=4,
+    target_r=2,
+    lora_alpha=8,
+    tinit=2,
+    tfinal=3,
+    deltaT=2,
+    total_step=12,
+    beta1=0.85,
+    beta2=0.85,
+    orth_reg_weight=0.5,
 )
 ADALORA_LR = 0.5
 
 
-def _toy():
+def _toy(shapes: dict = SHAPES):
     import torch
 
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.q_proj = torch.nn.Linear(6, 5)
-            self.v_proj = torch.nn.Linear(6, 7, bias=False)
+            self.q_proj = torch.nn.Linear(*shapes["q_proj"])
+            self.v_proj = torch.nn.Linear(*shapes["v_proj"], bias=False)
 
         def forward(self, x, y=None):
             out = torch.cat([self.q_proj(x), self.v_proj(x)], -1)
@@ -60,8 +69,8 @@ def _base(model) -> dict:
 def _adapter(model, prefix: str) -> dict:
     out = {}
     for key, value in model.state_dict().items():
-        if prefix in key:
-            module = next(n for n in SHAPES if f".{n}." in key)
+        module = next((n for n in SHAPES if f".{n}." in key), None)
+        if prefix in key and module is not None:
             field = key.split(f".{module}.")[1].replace(".default", "")
             out[f"{module}/{field}"] = value.detach().float().numpy().copy()
     return out
@@ -101,7 +110,7 @@ def run_adalora() -> dict:
 
 
 def _perturb(model, prefix: str, scale: float = 0.3) -> None:
-    """Moves every trainable adapter tensor by ``scale·N(0, 1)`` (seeded)."""
+    """Moves every trainable adapter tensor by ``scale·N(0, 1)`` (seeded, in name order)."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
@@ -109,3 +118,49 @@ def _perturb(model, prefix: str, scale: float = 0.3) -> None:
         for name, p in model.named_parameters():
             if prefix in name and p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+RANDLORA = dict(r=2, randlora_alpha=5.0)  # N = ceil(min(in, out) / r) = 3 for both layers
+
+
+def run_randlora() -> dict:
+    """RandLoRA with moved ``λ``, ``γ``: PEFT's bases (as sliced per layer), scalings, output."""
+    import peft
+    import torch
+
+    base = _toy()
+    out = {f"base/{k}": v for k, v in _base(base).items()}
+    config = peft.RandLoraConfig(target_modules=list(SHAPES), **RANDLORA)
+    model = peft.get_peft_model(base, config)
+    _perturb(model, "randlora_")
+    out.update({f"moved/{k}": v for k, v in _adapter(model, "randlora_").items()})
+    with torch.no_grad():
+        out["moved/output"] = model(torch.from_numpy(X)).numpy().copy()
+    return out
+
+
+# MiSS: balance with a ragged tail (6 % 4), mini (mini_r 2 | out), bat (2 | in, out).
+MISS = {
+    "balance": (SHAPES, dict(r=4)),
+    "mini": (BLOCK_SHAPES, dict(r=4, init_weights="mini", mini_r=2)),
+    "bat": (BLOCK_SHAPES, dict(r=2, init_weights="bat")),
+}
+
+
+def run_miss() -> dict:
+    """Each MiSS mode with a moved ``miss_block``: the output, and the merged weights."""
+    import peft
+    import torch
+
+    out = {}
+    for case, (shapes, options) in MISS.items():
+        base = _toy(shapes)
+        out.update({f"{case}/base/{k}": v for k, v in _base(base).items()})
+        model = peft.get_peft_model(base, peft.MissConfig(target_modules=list(SHAPES), **options))
+        _perturb(model, "miss_", scale=0.1)
+        out.update({f"{case}/moved/{k}": v for k, v in _adapter(model, "miss_").items()})
+        with torch.no_grad():
+            out[f"{case}/moved/output"] = model(torch.from_numpy(X)).numpy().copy()
+            model.merge_adapter()
+            out.update({f"{case}/merged/{k}": v for k, v in _base(model.base_model.model).items()})
+    return out
