@@ -124,6 +124,7 @@ from lowrank_jax.reparam.dylora import (  # noqa: E402
     dylora_set_rank,
     dylora_truncate,
 )
+from lowrank_jax.reparam.hydra import Hydra, hydra, hydra_bias  # noqa: E402
 from lowrank_jax.reparam.increlora import (  # noqa: E402
     IncreLoRA,
     IncreLoRASchedule,
@@ -135,6 +136,7 @@ from lowrank_jax.reparam.increlora import (  # noqa: E402
 from lowrank_jax.reparam.lamda import LaMDA, lamda, lamda_freeze_b  # noqa: E402
 from lowrank_jax.reparam.loldu import LoLDU, loldu  # noqa: E402
 from lowrank_jax.reparam.miss import MiSS, bone, miss  # noqa: E402
+from lowrank_jax.reparam.mos import MoS, mos, mos_to_lora  # noqa: E402
 from lowrank_jax.reparam.randlora import RandLoRA, randlora  # noqa: E402
 from lowrank_jax.reparam.sora import (  # noqa: E402
     SoRA,
@@ -148,6 +150,12 @@ from lowrank_jax.reparam.sora import (  # noqa: E402
 from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
 
 __all__ += [
+    "Hydra",
+    "MoS",
+    "hydra",
+    "hydra_bias",
+    "mos",
+    "mos_to_lora",
     "MiSS",
     "RandLoRA",
     "bone",
