@@ -130,6 +130,7 @@ from lowrank_jax.reparam.increlora import (  # noqa: E402
     IncreLoRASchedule,
     IncreState,
     increlora,
+    increlora_num_trainable,
     increlora_ranks,
     increlora_value_and_grad,
 )
@@ -170,6 +171,7 @@ __all__ += [
     "IncreLoRASchedule",
     "IncreState",
     "increlora",
+    "increlora_num_trainable",
     "increlora_ranks",
     "increlora_value_and_grad",
     "AdaLoRA",

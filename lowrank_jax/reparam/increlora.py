@@ -54,6 +54,7 @@ __all__ = [
     "IncreLoRASchedule",
     "IncreState",
     "increlora",
+    "increlora_num_trainable",
     "increlora_ranks",
     "increlora_value_and_grad",
 ]
@@ -175,6 +176,19 @@ def increlora_ranks(adapters: Adapters) -> dict[str, Any]:
         active = np.asarray(adapters.frozen[site.path]["active"])
         out[site.path] = int(active) if active.ndim == 0 else active
     return out
+
+
+def increlora_num_trainable(adapters: Adapters) -> int:
+    """The scalars that train now: ``r(in + out + 1) + reserve·(in + out)`` per matrix at rank
+    ``r`` (the reference's parameter groups; ``num_trainable`` counts all ``R`` slots)."""
+    total = 0
+    for site in _sites(adapters):
+        n_in, n_out = site.canonical_shape[-2:]
+        active = np.asarray(adapters.frozen[site.path]["active"])
+        room = site.method.rank - active
+        reserve = np.minimum(int(adapters.frozen[site.path]["reserve"]), room)
+        total += int(np.sum(active * (n_in + n_out + 1) + reserve * (n_in + n_out)))
+    return total
 
 
 def increlora_value_and_grad(

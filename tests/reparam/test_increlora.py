@@ -43,10 +43,13 @@ def test_growth_changes_the_scale_as_the_reference(key):
     e_eff = np.array([t["E"][0], RESERVE_E, RESERVE_E, 0.0])  # active x2, new reserve, off
     want = np.asarray(params["a"]) + 8.0 / (2 + 1e-5) * (t["A"] * e_eff) @ t["B"]  # α/ranknum
     np.testing.assert_allclose(R.apply(params, grown)["a"], want, rtol=1e-5, atol=1e-6)
+    # The scalars in use: rank·(in + out + 1) + reserve·(in + out) per matrix.
+    assert R.increlora_num_trainable(grown) == (2 * 15 + 14) + (1 * 15 + 14)  # in + out = 14
     # Total 3 < target 4: grows again; then at the target the reserve switches off.
     final, _ = schedule.update(2, grown, scores, state)
     assert sum(R.increlora_ranks(final).values()) == 4
     assert all(int(final.frozen[p]["reserve"]) == 0 for p in ("a", "b"))
+    assert R.increlora_num_trainable(final) == 3 * 15 + 1 * 15  # no reserve left
 
 
 def test_value_and_grad_scores_the_weight_gradient(key):
@@ -113,6 +116,8 @@ def test_schedule_grows_the_important_matrices_under_jit(key):
 def test_init_count_merge_io_jit(key, tmp_path):
     count = lambda b, i, o: b * 4 * (i + o + 1)  # the slots; 1·(i+o+1) + 1·(i+o) train at r=1
     _, base, adapters = family.noop_and_count(R.increlora(4, init_rank=1), key, count)
+    in_use = sum(b * ((i + o + 1) + (i + o)) for b, i, o in family.TARGETED.values())
+    assert R.increlora_num_trainable(adapters) == in_use
     family.merge_unmerge(base, adapters)
     family.round_trips(base, adapters, tmp_path)
     family.jitted(base, adapters)

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowrank_jax import reparam as R
 from tests.golden import peft_family_reference as ref
@@ -74,6 +76,16 @@ def test_bat_is_block_affine(key):
                     rtol=1e-5,
                     atol=1e-6,
                 )
+
+
+@settings(max_examples=15, deadline=None)
+@given(weight=st.floats(-0.8, 2.0), seed=st.integers(0, 2**16))
+def test_bat_weighted_merge_unmerge_round_trip(weight, seed):
+    params = {"w": normal(seed, (4, 6))}
+    _, adapters = R.miss(2, mode="bat").init(jax.random.key(0), params)
+    adapters = perturb(adapters, scale=0.2, seed=seed)
+    merged, record = R.merge(params, adapters, weights=[weight])
+    np.testing.assert_allclose(R.unmerge(merged, adapters, record)["w"], params["w"], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

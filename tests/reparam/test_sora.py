@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from lowrank_jax import reparam as R
 from lowrank_jax.reparam.sora import soft_threshold
@@ -26,6 +29,21 @@ def test_soft_threshold_exact_and_reference_modes(mode, want):
     tx = R.prox_l1(XI, mode=mode)
     u, _ = tx.update(jnp.zeros(6), tx.init(G), jnp.zeros(6) + G)
     np.testing.assert_allclose(G + u, np.array(want) * XI, atol=1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    g=hnp.arrays(np.float32, 8, elements=st.floats(-4, 4, width=32)),
+    xi=st.floats(0, 2, width=32),
+)
+def test_exact_mode_is_the_proximal_operator(g, xi):
+    # v = prox(g) minimises ½(v - g)² + ξ|v|: g - v = ξ·sign(v) where v ≠ 0, |g| <= ξ where 0.
+    v = np.asarray(soft_threshold(jnp.asarray(g), xi, "exact"))
+    live = v != 0
+    np.testing.assert_allclose((g - v)[live], xi * np.sign(v[live]), atol=1e-5)
+    assert np.all(np.abs(g[~live]) <= xi + 1e-6)
+    ref = np.asarray(soft_threshold(jnp.asarray(g), xi, "reference"))
+    assert np.all((ref == 0) | (np.abs(ref) >= np.abs(v) - 1e-6))  # never shrinks more
 
 
 def test_reference_mode_keeps_a_gate_at_exactly_xi():

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowrank_jax import reparam as R
 
@@ -70,6 +72,18 @@ def test_init_count_merge_io_jit(share, key, tmp_path):
     family.merge_unmerge(base, adapters)
     family.round_trips(base, adapters, tmp_path)
     family.jitted(base, adapters)
+
+
+@settings(max_examples=15, deadline=None)
+@given(weight=st.floats(-0.8, 2.0), seed=st.integers(0, 2**16))
+def test_weighted_merge_unmerge_round_trip(weight, seed):
+    params = {"w": normal(seed, (2, 8, 6))}
+    _, adapters = R.wegeft(3).init(jax.random.key(seed), params)
+    adapters = perturb(adapters, scale=0.2, seed=seed)
+    merged, record = R.merge(params, adapters, weights=[weight])
+    want = params["w"] + weight * (R.apply(params, adapters)["w"] - params["w"])
+    np.testing.assert_allclose(merged["w"], want, atol=2e-6)
+    np.testing.assert_allclose(R.unmerge(merged, adapters, record)["w"], params["w"], atol=1e-5)
 
 
 def test_two_weight_dependent_adapters_unmerge_needs_one_at_a_time(key):
