@@ -175,6 +175,7 @@ def dylora_truncate(adapters: Adapters, rank: int) -> Adapters:
     """Plain LoRA adapters of rank ``min(rank, r_max)`` with DyLoRA's scale ``α/b``: the same
     effective weights as ``dylora_set_rank(adapters, rank)``, exportable with ``to_peft``."""
     check.positive_int("dylora_truncate", "rank", rank)
+    _dylora_sites(adapters)
     trainable, sites = dict(adapters.trainable), []
     frozen = dict(adapters.frozen)
     for site in adapters.sites:
@@ -187,5 +188,4 @@ def dylora_truncate(adapters: Adapters, rank: int) -> Adapters:
         trainable[site.path] = {"A": t["A"][..., :b], "B": t["B"][..., :b, :]}
         frozen[site.path] = {}
         sites.append(site._replace(method=LoRA(rank=b, alpha=m.alpha, dropout=m.dropout)))
-    _dylora_sites(adapters)
     return Adapters(trainable, frozen, tuple(sites))
