@@ -2,6 +2,7 @@
 golden file written by ``python -m tests.golden.make_golden_peft_family``."""
 
 import functools
+import importlib.metadata
 import importlib.util
 import pathlib
 
@@ -11,8 +12,20 @@ import numpy as np
 from tests.golden import peft_family_reference as ref
 
 GOLDEN = pathlib.Path(ref.__file__).with_name("peft_family.npz")
-HAVE_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
-SOURCES = ["golden"] + (["live"] if HAVE_PEFT else [])
+# The first PEFT release with each tuner (RandLoRA 0.16, MiSS 0.17); older ones use the file.
+MIN_PEFT = {"adalora": (0, 3), "randlora": (0, 16), "miss": (0, 17)}
+
+
+def _peft_version() -> tuple:
+    if not all(importlib.util.find_spec(m) for m in ("torch", "peft")):
+        return ()
+    return tuple(int(p) for p in importlib.metadata.version("peft").split(".")[:2])
+
+
+def sources(method: str) -> list[str]:
+    """``["golden"]``, plus ``"live"`` when torch and a recent enough peft are installed."""
+    version = _peft_version()
+    return ["golden"] + (["live"] if version and version >= MIN_PEFT[method] else [])
 
 
 @functools.cache

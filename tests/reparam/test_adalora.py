@@ -12,7 +12,7 @@ from tests.golden import peft_family_reference as ref
 
 from . import family
 from .conftest import normal, perturb
-from .peft_golden import SOURCES, forward, jax_params, reference
+from .peft_golden import forward, jax_params, reference, sources
 
 CFG = ref.ADALORA
 SCHEDULE = R.AdaLoRASchedule(
@@ -41,7 +41,7 @@ def from_peft(r, prefix, params):
     return adapters.replace(trainable=trainable)
 
 
-@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("source", sources("adalora"))
 def test_forward_matches_peft(source):
     r = reference(source, "adalora")
     params = jax_params(r)
@@ -51,7 +51,7 @@ def test_forward_matches_peft(source):
     assert np.abs(got - forward(params, ref.X)).max() > 1e-2
 
 
-@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("source", sources("adalora"))
 def test_budget_schedule_matches_peft(source):
     r = reference(source, "adalora")
     params = jax_params(r)
@@ -62,7 +62,7 @@ def test_budget_schedule_matches_peft(source):
         assert (budget, int(mask)) == tuple(r[f"budget/{step}"]), step
 
 
-@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("source", sources("adalora"))
 def test_training_trajectory_and_masks_match_peft(source):
     """SGD + the regulariser + update_and_allocate, step by step: every tensor within 1e-5 and
     the same triplets masked (the budget phase, the frozen pattern, the final steps)."""

@@ -12,7 +12,7 @@ from tests.golden import peft_family_reference as ref
 
 from . import family
 from .conftest import normal, perturb
-from .peft_golden import SOURCES, forward, jax_params, reference
+from .peft_golden import forward, jax_params, reference, sources
 
 CFG = ref.RANDLORA
 
@@ -34,7 +34,7 @@ def from_peft(r, params):
     return adapters.replace(trainable=trainable, frozen=frozen)
 
 
-@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("source", sources("randlora"))
 def test_forward_matches_peft(source):
     # q_proj is wide in the torch sense (out 5 < in 6: ΔK = Δ), v_proj tall (in 6 <= out 7: Δᵀ).
     r = reference(source, "randlora")
