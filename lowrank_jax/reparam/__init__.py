@@ -107,3 +107,91 @@ __all__ = [
     "vera",
     "wrap",
 ]
+
+# The LoRA family, wave 2 (issue 14, items 1-7): one import per method module.
+from lowrank_jax.reparam.adalora import (  # noqa: E402
+    AdaLoRA,
+    AdaLoRASchedule,
+    AllocatorState,
+    adalora,
+    adalora_prune,
+    orthogonality_penalty,
+)
+from lowrank_jax.reparam.dylora import (  # noqa: E402
+    DyLoRA,
+    dylora,
+    dylora_sample_rank,
+    dylora_set_rank,
+    dylora_truncate,
+)
+from lowrank_jax.reparam.hydra import Hydra, hydra, hydra_bias  # noqa: E402
+from lowrank_jax.reparam.increlora import (  # noqa: E402
+    IncreLoRA,
+    IncreLoRASchedule,
+    IncreState,
+    increlora,
+    increlora_num_trainable,
+    increlora_ranks,
+    increlora_value_and_grad,
+)
+from lowrank_jax.reparam.lamda import LaMDA, lamda, lamda_freeze_b  # noqa: E402
+from lowrank_jax.reparam.loldu import LoLDU, loldu  # noqa: E402
+from lowrank_jax.reparam.miss import MiSS, bone, miss  # noqa: E402
+from lowrank_jax.reparam.mos import MoS, mos, mos_to_lora  # noqa: E402
+from lowrank_jax.reparam.randlora import RandLoRA, randlora  # noqa: E402
+from lowrank_jax.reparam.sora import (  # noqa: E402
+    SoRA,
+    prox_l1,
+    sora,
+    sora_l1,
+    sora_optimizer,
+    sora_prune,
+    sora_rank,
+)
+from lowrank_jax.reparam.wegeft import WeGeFT, wegeft  # noqa: E402
+
+__all__ += [
+    "Hydra",
+    "MoS",
+    "hydra",
+    "hydra_bias",
+    "mos",
+    "mos_to_lora",
+    "MiSS",
+    "RandLoRA",
+    "bone",
+    "miss",
+    "randlora",
+    "LaMDA",
+    "LoLDU",
+    "lamda",
+    "lamda_freeze_b",
+    "loldu",
+    "IncreLoRA",
+    "IncreLoRASchedule",
+    "IncreState",
+    "increlora",
+    "increlora_num_trainable",
+    "increlora_ranks",
+    "increlora_value_and_grad",
+    "AdaLoRA",
+    "AdaLoRASchedule",
+    "AllocatorState",
+    "adalora",
+    "adalora_prune",
+    "orthogonality_penalty",
+    "DyLoRA",
+    "dylora",
+    "dylora_sample_rank",
+    "dylora_set_rank",
+    "dylora_truncate",
+    "SoRA",
+    "WeGeFT",
+    "prox_l1",
+    "sora",
+    "sora_l1",
+    "sora_optimizer",
+    "sora_prune",
+    "sora_rank",
+    "wegeft",
+]

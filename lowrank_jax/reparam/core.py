@@ -237,7 +237,11 @@ def merge(params: Any, adapters: Any, *, weights: Any = None) -> tuple[Any, Merg
 
 
 def unmerge(params: Any, adapters: Any, record: MergeRecord) -> Any:
-    r"""Exact inverse of :func:`merge`: ``W = (W' - Σ w_k Δ_k) / (1 + Σ w_k (c_k - 1))``."""
+    r"""Exact inverse of :func:`merge`: ``W = (W' - Σ w_k Δ_k) / (1 + Σ w_k (c_k - 1))``.
+
+    A method whose ``Δ`` depends on ``W`` (``weight_dependent``: WeGeFT, Hydra, MiSS-bat)
+    inverts its own merge (:meth:`Method.invert`); such a leaf must carry one adapter.
+    """
     items = _as_list(adapters, record.weights)
     table = _contributions(params, items)
 
@@ -247,11 +251,27 @@ def unmerge(params: Any, adapters: Any, record: MergeRecord) -> Any:
             return leaf
         site = entries[0][2]
         wc = f32(site.canonical(leaf))  # only its shape reaches the methods, with c recorded
+        if any(entry[2].method.weight_dependent for entry in entries):
+            return site.layout(_invert(wc, entries)).astype(leaf.dtype)
         gain, delta, _ = _terms(wc, entries, record.scales)
         base = wc - delta if gain is None else (wc - delta) / (1.0 + gain)
         return site.layout(base).astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _invert(merged: jax.Array, entries: list) -> jax.Array:
+    """Unmerge of a weight-dependent update (``Δ`` a function of ``W``): the method inverts it."""
+    if len(entries) != 1:
+        names = [type(entry[2].method).__name__ for entry in entries]
+        raise ValueError(
+            f"unmerge at {_where(entries[0][2].path)}: {names} were merged together and one of "
+            f"them depends on W (weight_dependent), so the merge is not invertible term by term. "
+            f"Merge such adapters one at a time (merge, then merge the result) and unmerge in "
+            f"reverse order."
+        )
+    _, weight, site, frozen, trainable = entries[0]
+    return site.method.invert(merged, frozen, trainable, weight)
 
 
 def trainable_mask(adapters: Adapters) -> Adapters:

@@ -92,6 +92,9 @@ class Method:
 
     #: ``"gradients"`` or ``"activations"`` when ``init`` needs calibration statistics.
     calibration: ClassVar[str | None] = None
+    #: ``True`` when ``Δ`` depends on ``W`` beyond a column scale (WeGeFT's ``GW``, Hydra's
+    #: ``WS``, MiSS-bat): :func:`~lowrank_jax.reparam.unmerge` then calls :meth:`invert`.
+    weight_dependent: ClassVar[bool] = False
 
     def check(self, path: str, shape: tuple[int, ...]) -> None:
         """Raises ``ValueError`` (naming ``path`` and the fix) if the method cannot adapt it."""
@@ -117,6 +120,14 @@ class Method:
         it given, only ``w.shape`` may be used (:func:`unmerge` passes the merged weight).
         """
         return None, self.delta(w, frozen, trainable)
+
+    def invert(self, merged: jax.Array, frozen: dict, trainable: dict, weight: float) -> jax.Array:
+        """The base ``W`` with ``W + weight·(W' - W) = merged`` (float32), for methods whose
+        ``weight_dependent`` is set; additive and column-scale methods never need it."""
+        raise ValueError(
+            f"{type(self).__name__} sets weight_dependent but defines no invert(); unmerge "
+            f"cannot recover the base weights."
+        )
 
     def apply(self, w: jax.Array, frozen: dict, trainable: dict) -> jax.Array:
         """The effective weight ``W' = c ⊙ W + Δ`` (float32)."""
