@@ -262,6 +262,15 @@ def quantize(
         )
     if double_quant is None:
         double_quant = format == "nf4"
+    perm = None if perm is None else tuple(perm)
+    return _quantize(x, format, block_size, bool(double_quant), scale_block_size, perm)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _quantize(
+    x: jax.Array, format: str, block_size: int, double_quant: bool, scale_block_size: int,
+    perm: tuple | None,
+) -> QuantizedTensor:
     flat = x if perm is None else jnp.transpose(x, perm)
     rows, absmax = _blockwise_absmax(flat.astype(jnp.float32), block_size)
     y = _normalise(rows, absmax).reshape(-1)
@@ -284,7 +293,7 @@ def quantize(
         jnp.dtype(x.dtype).name,
         block_size,
         scale_block_size if double_quant else None,
-        None if perm is None else tuple(perm),
+        perm,
     )
 
 
@@ -298,6 +307,11 @@ def dequantize(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
     Returns:
       ``level[code] · absmax`` per block (nf4), ``code · absmax / 127`` (int8).
     """
+    return _dequantize(q, jnp.dtype(dtype or q.dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(q: QuantizedTensor, dtype: Any) -> jax.Array:
     if q.format == "nf4":
         high, low = q.codes >> 4, q.codes & 15
         nibbles = jnp.stack([high, low], axis=-1).reshape(-1).astype(jnp.int32)
@@ -305,7 +319,7 @@ def dequantize(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
     else:
         values = q.codes.astype(jnp.float32) / 127.0
     scales = _dequantize_scales(q)
-    out = (values.reshape(-1, q.block_size) * scales[:, None]).astype(dtype or q.dtype)
+    out = (values.reshape(-1, q.block_size) * scales[:, None]).astype(dtype)
     if q.perm is None:
         return out.reshape(q.shape)
     stored = tuple(q.shape[a] for a in q.perm)

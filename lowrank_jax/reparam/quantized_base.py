@@ -100,13 +100,7 @@ class QuantConfig:
     def quantize(self, path: str, w: jax.Array, dims: MatrixDims) -> quant.QuantizedTensor:
         """``w`` stored with its out axis before its in axis (PyTorch's ``(out, in)`` order)."""
         self.check(path, w.shape, w.dtype)
-        return _quantize(w, **self.options, perm=torch_order(w.ndim, dims))
-
-
-_quantize = jax.jit(
-    quant.quantize, static_argnames=("format", "block_size", "double_quant", "scale_block_size",
-                                     "perm")
-)
+        return quant.quantize(w, **self.options, perm=torch_order(w.ndim, dims))
 
 
 def torch_order(ndim: int, dims: MatrixDims) -> tuple[int, ...]:
