@@ -77,7 +77,7 @@ def loftq_factors(
     double_quant: bool | None = None,
     scale_block_size: int = 256,
     perm: tuple[int, ...] | None = None,
-) -> tuple[quant.QuantizedTensor, jax.Array, jax.Array, list[float]]:
+) -> tuple[quant.QuantizedTensor, jax.Array, jax.Array, jax.Array]:
     """``(Q_T, A_T, B_T, errors)`` for the weight ``w: (..., in, out)`` (see the module docstring).
 
     Args:
@@ -90,7 +90,8 @@ def loftq_factors(
 
     Returns:
       The quantized base, ``A: (..., in, r)`` and ``B: (..., r, out)`` in float32, and
-      ``‖W - dequant(Q_t) - s A_t B_t‖_F`` after each alternation ``t = 1..T``.
+      ``float32[T]``: ``‖W - dequant(Q_t) - s A_t B_t‖_F`` after each alternation ``t = 1..T``.
+      Traceable (works under ``jit`` and ``eval_shape``).
 
     Raises:
       ValueError: ``iters < 1`` or a bad storage option.
@@ -110,4 +111,4 @@ def loftq_factors(
     options = (format, block_size, double_quant, scale_block_size, perm)
     q, a, b, errors = _alternate(jnp.asarray(w, jnp.float32), rank, float(scale), iters, options)
     q = dataclasses.replace(q, dtype=jnp.dtype(w.dtype).name)
-    return q, a, b, [float(e) for e in errors]
+    return q, a, b, errors
