@@ -83,7 +83,7 @@ def _select(leaves: dict[str, Any], targets: Targets, dims: Any) -> dict[str, Ma
     if patterns is not None:
         _check_patterns(patterns, leaves, "quantize_base targets")
         compiled = [re.compile(p) for p in patterns]
-        targets = lambda path, leaf: _is_weight(path, leaf) and any(  # noqa: E731
+        targets = lambda path, leaf: _is_weight(path, leaf) and any(
             c.search(path) for c in compiled
         )
     mask = resolve(targets, leaves, method="quantize_base")
