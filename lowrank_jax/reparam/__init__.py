@@ -8,7 +8,9 @@ canonical ``(..., in, out)`` matrix) and one wrapper (:class:`Reparam`) around i
 :func:`loraga`, :func:`eva` (data-driven through :class:`Calibration`), :func:`lora_xs`,
 :func:`lora_sb`, :func:`vera`, :func:`nola`, :func:`diablo`, :func:`ffa_lora`, and
 :class:`ReLoRA` for the train loop. Several adapters: :class:`AdapterSet`; PEFT files:
-:func:`to_peft` / :func:`from_peft`. Formulas: ``shared/reference/reparam.md``.
+:func:`to_peft` / :func:`from_peft`. QLoRA (a block-quantized NF4/int8 frozen base, LoftQ):
+``wrap(..., quantize_base="nf4")``, :func:`quantize_base`, :func:`loftq`. Formulas:
+``shared/reference/reparam.md``.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -53,6 +55,15 @@ from lowrank_jax.reparam.nnx import (
 )
 from lowrank_jax.reparam.nola import NOLA, nola
 from lowrank_jax.reparam.peft import from_peft, to_peft
+from lowrank_jax.reparam.qlora import (  # QLoRA: quantized frozen base
+    dequantize_base,
+    load_base,
+    loftq,
+    quantize_base,
+    save_base,
+)
+from lowrank_jax.reparam.quant import QuantizedTensor
+from lowrank_jax.reparam.quantized_base import QuantConfig, QuantizedKernel
 from lowrank_jax.reparam.relora import ReLoRA, jagged_cosine_schedule, prune_optimizer_state
 from lowrank_jax.reparam.vera import VeRA, vera
 from lowrank_jax.reparam.wrapper import Reparam
@@ -73,6 +84,9 @@ __all__ = [
     "MergeRecord",
     "Method",
     "NOLA",
+    "QuantConfig",
+    "QuantizedKernel",
+    "QuantizedTensor",
     "ReLoRA",
     "Reparam",
     "Site",
@@ -80,6 +94,7 @@ __all__ = [
     "adapters_of",
     "apply",
     "collect_inputs",
+    "dequantize_base",
     "diablo",
     "dora",
     "eva",
@@ -87,6 +102,8 @@ __all__ = [
     "from_peft",
     "jagged_cosine_schedule",
     "load",
+    "load_base",
+    "loftq",
     "lora",
     "lora_sb",
     "lora_xs",
@@ -97,8 +114,10 @@ __all__ = [
     "olora",
     "pissa",
     "prune_optimizer_state",
+    "quantize_base",
     "register",
     "save",
+    "save_base",
     "to_base_lora",
     "to_peft",
     "trainable_mask",

@@ -23,6 +23,14 @@ from flax import nnx
 
 from lowrank_jax.reparam._einsum import Contraction
 from lowrank_jax.reparam.core import Adapters, Site, _contributions
+from lowrank_jax.reparam.quantized_base import (
+    QuantConfig,
+    QuantizedKernel,
+    as_config,
+    quantize_sites,
+    quantized_product,
+    quantized_value,
+)
 from lowrank_jax.reparam.wrapper import Reparam
 
 __all__ = ["Adapted", "FrozenAdapter", "adapters_of", "collect_inputs", "unwrap", "wrap"]
@@ -85,15 +93,23 @@ class Adapted(nnx.Module):
             raise ValueError("adapted layers do not take out_sharding; shard the inputs instead.")
         base = self.base
         bias = base.bias[...] if base.bias is not None else None
-        x, kernel, bias = base.promote_dtype((x, base.kernel[...], bias), dtype=base.dtype)
+        stored = quantized_value(base.kernel)  # QLoRA: dequantized inside quantized_product
+        if stored is None:
+            x, kernel, bias = base.promote_dtype((x, base.kernel[...], bias), dtype=base.dtype)
+        else:
+            dtype = base.dtype or jnp.result_type(x.dtype, stored.dtype)
+            x, bias = base.promote_dtype((x, bias), dtype=dtype)
         c = self.contraction(einsum_str)
         frozen, trainable = self.arrays()
         x_drop = self.dropout(x) if self.dropout is not None else x
-        w = self.site.canonical(kernel)
-        y = c.out(self.site.method.product(x, x_drop, w, frozen, trainable, c))
+        if stored is None:
+            w = self.site.canonical(kernel)
+            y = c.out(self.site.method.product(x, x_drop, w, frozen, trainable, c))
+        else:
+            y = c.out(quantized_product(self.site, c, stored, x, x_drop, frozen, trainable))
         if bias is not None:
             spec = _spec(base, einsum_str)
-            y = y + jnp.reshape(bias, _bias_shape(spec, kernel.shape, y.ndim))
+            y = y + jnp.reshape(bias, _bias_shape(spec, self.site.shape, y.ndim))
         return y
 
 
@@ -103,6 +119,13 @@ def _bias_shape(spec: str, kernel_shape: tuple, ndim: int) -> tuple:
     sizes = dict(zip(lhs.split(",")[1], kernel_shape))
     letters = out.replace("...", "")
     return (1,) * (ndim - len(letters)) + tuple(sizes.get(c, 1) for c in letters)
+
+
+def _flat(params: Any) -> dict:
+    return {
+        "/".join(str(k.key) for k in kp): v
+        for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 def _kernel_path(path: tuple) -> str:
@@ -116,6 +139,7 @@ def wrap(
     key: jax.Array | None = None,
     rngs: nnx.Rngs | None = None,
     calibration: Any = None,
+    quantize_base: str | QuantConfig | None = None,
 ) -> Any:
     """Replaces every targeted ``nnx.Linear``/``nnx.Einsum`` of ``model`` by an :class:`Adapted`.
 
@@ -127,6 +151,9 @@ def wrap(
       key: PRNG key for the init (default: ``rngs.params()``).
       rngs: ``nnx.Rngs``; its ``dropout`` stream drives adapter dropout.
       calibration: forwarded to ``Reparam.init`` for data-driven inits.
+      quantize_base: ``"nf4"``, ``"int8"`` or a :class:`~lowrank_jax.reparam.QuantConfig`:
+        store the adapted layers' base kernels block-quantized (QLoRA; QDoRA with ``dora``;
+        LoftQ with ``QuantConfig(loftq_iters=T)``), dequantized per layer in the forward.
 
     Returns:
       The wrapped model (sharing variables with ``model``).
@@ -153,10 +180,13 @@ def wrap(
     else:
         adapters, new_params = reparam, params
         _contributions(params, [(adapters, 1.0)])
-    leaves = {
-        "/".join(str(k.key) for k in kp): v
-        for kp, v in jax.tree_util.tree_flatten_with_path(new_params)[0]
-    }
+    leaves = _flat(new_params)
+    stored = None
+    if quantize_base is not None:
+        stored, adapters = quantize_sites(
+            _flat(params), leaves, adapters, as_config(quantize_base),
+            initialised=isinstance(reparam, Reparam),
+        )
     sites = {s.path: s for s in adapters.sites}
     done: set[str] = set()
 
@@ -169,7 +199,10 @@ def wrap(
                 f"leaf '{site.path}' is a stacked (vmapped/scanned) layer of shape "
                 f"{node.kernel.shape}; wrap adapts plain layers. Use reparam.apply on the params."
             )
-        node.kernel[...] = leaves[site.path]
+        if stored is None:
+            node.kernel[...] = leaves[site.path]
+        else:
+            node.kernel = QuantizedKernel(stored[site.path])
         done.add(site.path)
         return Adapted(
             node, site, adapters.frozen[site.path], adapters.trainable[site.path], rngs=rngs
@@ -210,9 +243,13 @@ def unwrap(model: Any, *, merge: bool = True) -> Any:
         base = node.base
         if merge:
             frozen, trainable = node.arrays()
-            kernel = base.kernel[...]
+            kernel = base.kernel[...]  # a quantized base is dequantized: merged into floats
             w = node.site.method.apply(node.site.canonical(kernel), frozen, trainable)
-            base.kernel[...] = node.site.layout(w).astype(kernel.dtype)
+            merged = node.site.layout(w).astype(kernel.dtype)
+            if isinstance(base.kernel, QuantizedKernel):
+                base.kernel = nnx.Param(merged)
+            else:
+                base.kernel[...] = merged
         return base
 
     return nnx.recursive_map(restore, model)
