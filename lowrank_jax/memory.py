@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -26,9 +26,11 @@ from lowrank_jax import projection
 from lowrank_jax.targets import Targets, resolve, resolve_dims
 
 __all__ = [
+    "CompiledMemory",
     "adam8bit_bytes",
     "adamw_bytes",
     "apollo_bytes",
+    "compiled_memory",
     "fira_bytes",
     "galore8bit_bytes",
     "galore_bytes",
@@ -283,3 +285,51 @@ def human(n_bytes: float) -> str:
         n_bytes /= 1000
         units.pop(0)
     return f"{int(n_bytes)} B" if units[0] == "B" else f"{n_bytes:.2f} {units[0]}"
+
+
+class CompiledMemory(NamedTuple):
+    """XLA's memory analysis of one compiled program, in bytes per device.
+
+    Attributes:
+      argument_bytes: the inputs (parameters, optimizer state, batch).
+      output_bytes: the outputs.
+      alias_bytes: outputs written into donated inputs (counted once, in the arguments).
+      temp_bytes: everything else the program allocates: gradients, activations, workspaces.
+      code_bytes: the generated code.
+    """
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments + outputs not aliased to them + temporaries: the device memory in use."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def compiled_memory(fn: Any, *args: Any, **kwargs: Any) -> CompiledMemory:
+    """Compiles ``fn`` for ``args`` and returns XLA's memory analysis (nothing is allocated).
+
+    ``args`` may be ``jax.ShapeDtypeStruct`` leaves (with a ``sharding`` for a mesh, possibly
+    on devices of another platform: a TPU topology compiles on a CPU host). ``fn`` is jitted
+    unless it already is (a jitted step keeps its shardings and donation).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lowrank_jax as lr
+      >>> x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+      >>> stats = lr.memory.compiled_memory(lambda a: a @ a, x)
+      >>> stats.argument_bytes, stats.output_bytes
+      (262144, 262144)
+    """
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    return CompiledMemory(
+        int(stats.argument_size_in_bytes),
+        int(stats.output_size_in_bytes),
+        int(stats.alias_size_in_bytes),
+        int(stats.temp_size_in_bytes),
+        int(stats.generated_code_size_in_bytes),
+    )

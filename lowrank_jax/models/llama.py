@@ -315,31 +315,45 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         cfg = self.config
+        x, context = self.embed_inputs(tokens, positions)
+        run_layer = self.run_layer
+        if cfg.remat:
+            run_layer = nnx.remat(run_layer, static_argnums=(3,))
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
+                return run_layer(nnx.merge(graphdef, layer_state), x, context, None), None
+
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            for index, layer in enumerate(self.layers):
+                x = run_layer(layer, x, context, index)
+        return self.output_logits(x)
+
+    def embed_inputs(
+        self, tokens: jax.Array, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The embedded tokens and what every layer needs (the rotary ``cos``, ``sin``)."""
+        cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         angles = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg)
         angles = jnp.concatenate([angles, angles], axis=-1)
         dtype = jnp.dtype(cfg.dtype)
         cos, sin = jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-        x = self.embed(tokens)
+        return self.embed(tokens), (cos, sin)
 
-        def run_layer(layer: DecoderLayer, x: jax.Array) -> jax.Array:
-            return layer(x, cos, sin)
+    @staticmethod
+    def run_layer(layer: DecoderLayer, x: jax.Array, context: Any, index: Any) -> jax.Array:
+        """Decoder layer ``index`` (an int, a traced int or ``None`` inside a scan) on ``x``."""
+        del index  # every LLaMA layer is alike
+        return layer(x, *context)
 
-        if cfg.remat:
-            run_layer = nnx.remat(run_layer)
-        if cfg.scan_layers:
-            graphdef, stacked = nnx.split(self.layers)
-
-            def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
-                return run_layer(nnx.merge(graphdef, layer_state), x), None
-
-            x, _ = jax.lax.scan(body, x, stacked)
-        else:
-            for layer in self.layers:
-                x = run_layer(layer, x)
+    def output_logits(self, x: jax.Array) -> jax.Array:
+        """The final norm and the LM head (or the tied embedding)."""
         x = self.final_norm(x)
-        if cfg.tie_embeddings:
+        if self.config.tie_embeddings:
             return self.embed.attend(x)
         return self.lm_head(x)
 

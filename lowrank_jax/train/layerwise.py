@@ -405,3 +405,34 @@ def layerwise_step(
     params = merge_params({LAYERS: stacked}, rest_part)
     grad_norm = jnp.sqrt(layer_sq + jnp.square(rest_norm))
     return params, split.full_treedef.unflatten(leaves), loss, grad_norm
+
+
+def model_pieces(graphdef: Any, params: Any) -> LayerwiseModel:
+    """The :class:`LayerwiseModel` of a Flax NNX model with scan-stacked ``layers``.
+
+    The model provides ``embed_inputs(*inputs) -> (x, context)``, ``run_layer(layer, x,
+    context, index) -> x`` and ``output_logits(x) -> logits`` (our LLaMA and the architectures
+    its loader builds do); ``graphdef`` is its ``nnx.graphdef`` and ``params`` its parameters
+    (abstract or traced: only their structure is used here).
+    """
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    for name in ("embed_inputs", "run_layer", "output_logits"):
+        if not hasattr(model, name):
+            raise ValueError(
+                f"layerwise=True: {type(model).__name__} has no {name}(); the layer-wise step "
+                "runs the model's embedding, each layer and its head separately."
+            )
+    layer_def, model_cls = nnx.graphdef(model.layers), type(model)
+
+    def embed(params: Any, inputs: Any) -> tuple[jax.Array, Any]:
+        return nnx.merge(graphdef, params).embed_inputs(*inputs)
+
+    def layer(layer_params: Any, x: jax.Array, context: Any, index: jax.Array) -> jax.Array:
+        return model_cls.run_layer(nnx.merge(layer_def, layer_params), x, context, index)
+
+    def head(params: Any, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params).output_logits(x)
+
+    return LayerwiseModel(embed, layer, head)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lowrank_jax.train import layerwise
+
 __all__ = ["TrainState", "cross_entropy", "make_eval_step", "make_train_step", "warmup_cosine"]
 
 
@@ -81,12 +83,23 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     state_sharding: Any = None,
     batch_sharding: jax.sharding.NamedSharding | None = None,
+    layerwise: bool = False,
+    clip_per_layer: bool = False,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     The gradient's global norm is clipped to ``grad_clip`` (as ``torch.nn.utils.
     clip_grad_norm_``: scaled by ``min(1, c / (‖g‖ + 1e-6))``) before ``tx``, so ``tx``'s state
     is exactly its own.
+
+    With ``layerwise=True`` (a model with ``scan_layers=True``) each layer's matrices are
+    updated by ``tx`` as soon as their gradient exists in the backward pass, so at most one
+    layer's gradient is alive (:mod:`lowrank_jax.train.layerwise`); the same ``TrainState``
+    and the same results as the ordinary step, for any ``tx`` whose state is kept per
+    parameter. Global-norm clipping needs every gradient before the first update, so
+    ``grad_clip`` then requires ``clip_per_layer=True``: each layer's gradient, and the other
+    leaves' gradient, are clipped to ``grad_clip`` separately. ``grad_norm`` in the metrics is
+    the true global norm either way.
 
     Args:
       graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
@@ -97,11 +110,18 @@ def make_train_step(
         them, so it compiles once.
       batch_sharding: the batch's sharding (with ``state_sharding``); metrics come back
         replicated on its mesh.
+      layerwise: apply ``tx`` layer by layer inside the backward pass.
+      clip_per_layer: with ``layerwise``, clip per layer (see above).
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
       ``lr`` (float32 scalars).
     """
+    if layerwise:
+        step = _layerwise_step(graphdef, tx, grad_clip, clip_per_layer, schedule)
+        return _jit(step, state_sharding, batch_sharding)
+    if clip_per_layer:
+        raise ValueError("clip_per_layer=True goes with layerwise=True")
     loss_fn = _loss_fn(graphdef)
 
     def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
@@ -116,6 +136,49 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
+    return _jit(step, state_sharding, batch_sharding)
+
+
+def _layerwise_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    grad_clip: float,
+    clip_per_layer: bool,
+    schedule: optax.Schedule | None,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    if grad_clip > 0 and not clip_per_layer:
+        raise ValueError(
+            "grad_clip with layerwise=True: global-norm clipping needs every gradient before "
+            "the first update. Pass clip_per_layer=True (each layer's gradient, and the other "
+            "leaves', clipped to grad_clip separately; --clip-per-layer) or grad_clip=0."
+        )
+
+    def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+        pieces = layerwise.model_pieces(graphdef, state.params)
+        split = layerwise.split_state(tx, state.params, method=_describe(tx))
+        params, opt_state, loss, grad_norm = layerwise.layerwise_step(
+            pieces,
+            tx,
+            split,
+            state.params,
+            state.opt_state,
+            (batch[:, :-1],),
+            lambda logits: cross_entropy(logits, batch[:, 1:]),
+            grad_clip=grad_clip,
+            recompute=bool(getattr(nnx.merge(graphdef, state.params).config, "remat", False)),
+        )
+        lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def _describe(tx: Any) -> str:
+    return getattr(tx, "__name__", None) or "this optimizer"
+
+
+def _jit(step: Callable, state_sharding: Any, batch_sharding: Any) -> Callable:
     if state_sharding is None:
         return jax.jit(step, donate_argnums=(0,))
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
