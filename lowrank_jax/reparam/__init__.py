@@ -58,6 +58,10 @@ from lowrank_jax.reparam.vera import VeRA, vera
 from lowrank_jax.reparam.wrapper import Reparam
 from lowrank_jax.reparam.xs import LoRASB, LoRAXS, lora_sb, lora_xs
 
+# isort: split
+# Adapter algebra, mixtures of experts, batched serving (issue 14, items 8-10).
+from lowrank_jax.reparam.merging import combine_adapters, lora_lego
+
 __all__ = [
     "ActivationStats",
     "Adapted",
@@ -106,4 +110,7 @@ __all__ = [
     "unwrap",
     "vera",
     "wrap",
+    # adapter algebra, mixtures of experts, batched serving
+    "combine_adapters",
+    "lora_lego",
 ]
