@@ -60,6 +60,16 @@ from lowrank_jax.reparam.xs import LoRASB, LoRAXS, lora_sb, lora_xs
 
 # isort: split
 # Adapter algebra, mixtures of experts, batched serving (issue 14, items 8-10).
+from lowrank_jax.reparam.federated import (
+    aggregation_gap,
+    dp_fedavg,
+    fed_sb_aggregate,
+    fedavg,
+    fedavg_bias,
+    ffa_aggregate,
+    flora_stack,
+    lora_fair,
+)
 from lowrank_jax.reparam.merging import combine_adapters, lora_lego
 
 __all__ = [
@@ -111,6 +121,14 @@ __all__ = [
     "vera",
     "wrap",
     # adapter algebra, mixtures of experts, batched serving
+    "aggregation_gap",
     "combine_adapters",
+    "dp_fedavg",
+    "fed_sb_aggregate",
+    "fedavg",
+    "fedavg_bias",
+    "ffa_aggregate",
+    "flora_stack",
+    "lora_fair",
     "lora_lego",
 ]
