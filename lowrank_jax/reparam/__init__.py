@@ -60,6 +60,21 @@ from lowrank_jax.reparam.xs import LoRASB, LoRAXS, lora_sb, lora_xs
 
 # isort: split
 # Adapter algebra, mixtures of experts, batched serving (issue 14, items 8-10).
+from lowrank_jax.reparam.experts import (
+    PerLayer,
+    RoutedLoRA,
+    RouterBias,
+    Routing,
+    RoutingRecord,
+    collect_routing,
+    gate_loss,
+    meteora,
+    mola,
+    routed_layers,
+    smora,
+    wrap_experts,
+    xlora,
+)
 from lowrank_jax.reparam.federated import (
     aggregation_gap,
     dp_fedavg,
@@ -71,6 +86,7 @@ from lowrank_jax.reparam.federated import (
     lora_fair,
 )
 from lowrank_jax.reparam.merging import combine_adapters, lora_lego
+from lowrank_jax.reparam.xlora_head import XLoRA
 
 __all__ = [
     "ActivationStats",
@@ -121,6 +137,20 @@ __all__ = [
     "vera",
     "wrap",
     # adapter algebra, mixtures of experts, batched serving
+    "PerLayer",
+    "RoutedLoRA",
+    "RouterBias",
+    "Routing",
+    "RoutingRecord",
+    "XLoRA",
+    "collect_routing",
+    "gate_loss",
+    "meteora",
+    "mola",
+    "routed_layers",
+    "smora",
+    "wrap_experts",
+    "xlora",
     "aggregation_gap",
     "combine_adapters",
     "dp_fedavg",
