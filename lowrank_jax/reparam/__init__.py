@@ -60,6 +60,13 @@ from lowrank_jax.reparam.xs import LoRASB, LoRAXS, lora_sb, lora_xs
 
 # isort: split
 # Adapter algebra, mixtures of experts, batched serving (issue 14, items 8-10).
+from lowrank_jax.reparam.batched import (
+    AdapterBank,
+    BatchedLoRA,
+    adapter_bank,
+    use_adapters,
+    wrap_batched,
+)
 from lowrank_jax.reparam.experts import (
     PerLayer,
     RoutedLoRA,
@@ -137,6 +144,8 @@ __all__ = [
     "vera",
     "wrap",
     # adapter algebra, mixtures of experts, batched serving
+    "AdapterBank",
+    "BatchedLoRA",
     "PerLayer",
     "RoutedLoRA",
     "RouterBias",
@@ -149,8 +158,11 @@ __all__ = [
     "mola",
     "routed_layers",
     "smora",
+    "use_adapters",
+    "wrap_batched",
     "wrap_experts",
     "xlora",
+    "adapter_bank",
     "aggregation_gap",
     "combine_adapters",
     "dp_fedavg",
