@@ -69,12 +69,6 @@ from lowrank_jax.reparam.batched import (
 )
 from lowrank_jax.reparam.experts import (
     PerLayer,
-    RoutedLoRA,
-    RouterBias,
-    Routing,
-    RoutingRecord,
-    collect_routing,
-    gate_loss,
     meteora,
     mola,
     routed_layers,
@@ -93,6 +87,14 @@ from lowrank_jax.reparam.federated import (
     lora_fair,
 )
 from lowrank_jax.reparam.merging import combine_adapters, lora_lego
+from lowrank_jax.reparam.routing import (
+    RoutedLoRA,
+    RouterBias,
+    Routing,
+    RoutingRecord,
+    collect_routing,
+    gate_loss,
+)
 from lowrank_jax.reparam.xlora_head import XLoRA
 
 __all__ = [

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.reparam.experts import _EXTERNAL, routed_layers
+from lowrank_jax.reparam.experts import routed_layers
+from lowrank_jax.reparam.routing import _EXTERNAL
 
 __all__ = ["XLoRA"]
 
