@@ -69,6 +69,45 @@ from lowrank_jax.reparam.vera import VeRA, vera
 from lowrank_jax.reparam.wrapper import Reparam
 from lowrank_jax.reparam.xs import LoRASB, LoRAXS, lora_sb, lora_xs
 
+# isort: split
+# Adapter algebra, mixtures of experts, batched serving (issue 14, items 8-10).
+from lowrank_jax.reparam.batched import (
+    AdapterBank,
+    BatchedLoRA,
+    adapter_bank,
+    use_adapters,
+    wrap_batched,
+)
+from lowrank_jax.reparam.experts import (
+    PerLayer,
+    meteora,
+    mola,
+    routed_layers,
+    smora,
+    wrap_experts,
+    xlora,
+)
+from lowrank_jax.reparam.federated import (
+    aggregation_gap,
+    dp_fedavg,
+    fed_sb_aggregate,
+    fedavg,
+    fedavg_bias,
+    ffa_aggregate,
+    flora_stack,
+    lora_fair,
+)
+from lowrank_jax.reparam.merging import combine_adapters, lora_lego
+from lowrank_jax.reparam.routing import (
+    RoutedLoRA,
+    RouterBias,
+    Routing,
+    RoutingRecord,
+    collect_routing,
+    gate_loss,
+)
+from lowrank_jax.reparam.xlora_head import XLoRA
+
 __all__ = [
     "ActivationStats",
     "Adapted",
@@ -125,6 +164,36 @@ __all__ = [
     "unwrap",
     "vera",
     "wrap",
+    # adapter algebra, mixtures of experts, batched serving
+    "AdapterBank",
+    "BatchedLoRA",
+    "PerLayer",
+    "RoutedLoRA",
+    "RouterBias",
+    "Routing",
+    "RoutingRecord",
+    "XLoRA",
+    "collect_routing",
+    "gate_loss",
+    "meteora",
+    "mola",
+    "routed_layers",
+    "smora",
+    "use_adapters",
+    "wrap_batched",
+    "wrap_experts",
+    "xlora",
+    "adapter_bank",
+    "aggregation_gap",
+    "combine_adapters",
+    "dp_fedavg",
+    "fed_sb_aggregate",
+    "fedavg",
+    "fedavg_bias",
+    "ffa_aggregate",
+    "flora_stack",
+    "lora_fair",
+    "lora_lego",
 ]
 
 # The LoRA family, wave 2 (issue 14, items 1-7): one import per method module.
