@@ -223,33 +223,26 @@ def split_state(tx: optax.GradientTransformation, params: Any, method: str = "tx
     )
 
 
-def _as_rows(x: jax.Array, n_layers: int) -> jax.Array:
-    return x.reshape(n_layers, -1)
+def _layer_major(x: jax.Array, n_layers: int) -> jax.Array:
+    """``x`` with the layers on axis 0: as it is when it has them there, else ``[L, size]``."""
+    return x if np.shape(x)[:1] == (n_layers,) else x.reshape(n_layers, -1)
 
 
-def gather_layer_state(split: StateSplit, rows: list, old: list, layer: jax.Array) -> Any:
-    """Layer ``layer``'s state: its slice of the per-layer leaves (``rows``: ``[L, size]``) and
-    the shared leaves as they were before the step (``old``)."""
+def layer_state(split: StateSplit, rows: dict, old: list) -> Any:
+    """One layer's state: its row of each per-layer leaf (``rows``: index -> row) and the
+    shared leaves as they were before the step (``old``)."""
     out = []
     for (index, per_layer), shape in zip(split.layer_sources, split.layer_shapes):
-        if per_layer:
-            row = jax.lax.dynamic_index_in_dim(rows[index], layer, keepdims=False)
-            out.append(row.reshape(shape))
-        else:
-            out.append(old[index])
+        out.append(rows[index].reshape(shape) if per_layer else old[index])
     return split.layer_treedef.unflatten(out)
 
 
-def scatter_layer_state(
-    split: StateSplit, rows: list, state: Any, layer: jax.Array
-) -> tuple[list, dict]:
-    """``rows`` with layer ``layer``'s new slices written in, and its new shared leaves."""
-    rows, shared = list(rows), {}
+def layer_rows(split: StateSplit, state: Any) -> tuple[dict, dict]:
+    """One layer's new state as ``(rows of the per-layer leaves, shared leaves)``."""
+    rows, shared = {}, {}
     for (index, per_layer), x in zip(split.layer_sources, split.layer_treedef.flatten_up_to(state)):
         if per_layer:
-            rows[index] = jax.lax.dynamic_update_index_in_dim(
-                rows[index], x.reshape(1, -1).astype(rows[index].dtype), layer, 0
-            )
+            rows[index] = x
         else:
             shared[index] = x
     return rows, shared
@@ -353,17 +346,19 @@ def layerwise_step(
         x_last,
     )
     rest_grads, dx = head_vjp(jnp.ones_like(loss))
-    # the per-layer state slices as rows, so that one dynamic index picks a layer's slice
-    rows_leaves = list(state_leaves)
-    for i, per_layer in split.layer_sources:
-        if per_layer:
-            rows_leaves[i] = _as_rows(state_leaves[i], n_layers)
+    # the per-layer state leaves as rows, so that one dynamic index picks a layer's slice; only
+    # they travel through the backward loop (updated in place), the rest waits outside
+    rows = {
+        i: _layer_major(state_leaves[i], n_layers)
+        for i, per_layer in split.layer_sources
+        if per_layer
+    }
     take = lambda tree, index: jax.tree.map(
         lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree
     )
 
     def backward(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
-        dx, stacked, leaves, _, layer_sq = carry
+        dx, stacked, rows, _, layer_sq = carry
         index, residual = xs
         matrices = take(stacked, index)
         grads, vector_grads, dx = layer_vjp(matrices, take(vectors, index), residual, index)(dx)
@@ -371,21 +366,28 @@ def layerwise_step(
         one = lambda t: {LAYERS: jax.tree.map(lambda a: a[None], t)}
         with layer_offset(index):
             updates, new_state = tx.update(
-                one(grads), gather_layer_state(split, leaves, state_leaves, index), one(matrices)
+                one(grads), layer_state(split, take(rows, index), state_leaves), one(matrices)
             )
-        new_matrices = optax.apply_updates(one(matrices), updates)[LAYERS]
         stacked = jax.tree.map(
-            lambda s, p: jax.lax.dynamic_update_index_in_dim(s, p.astype(s.dtype), index, 0),
+            lambda s, p, u: jax.lax.dynamic_update_index_in_dim(s, (p + u[0]).astype(s.dtype),
+                                                                index, 0),
             stacked,
-            new_matrices,
+            matrices,
+            updates[LAYERS],
         )
-        leaves, shared = scatter_layer_state(split, leaves, new_state, index)
-        return (dx, stacked, leaves, shared, layer_sq + jnp.square(norm)), vector_grads
+        new_rows, shared = layer_rows(split, new_state)
+        rows = {
+            i: jax.lax.dynamic_update_index_in_dim(
+                rows[i], new_rows[i].reshape(rows[i].shape[1:]).astype(rows[i].dtype), index, 0
+            )
+            for i in rows
+        }
+        return (dx, stacked, rows, shared, layer_sq + jnp.square(norm)), vector_grads
 
     shared = {i: state_leaves[i] for i, per_layer in split.layer_sources if not per_layer}
-    (dx, stacked, rows_leaves, shared, layer_sq), vector_grads = jax.lax.scan(
+    (dx, stacked, rows, shared, layer_sq), vector_grads = jax.lax.scan(
         backward,
-        (dx, stacked, rows_leaves, shared, jnp.zeros([], jnp.float32)),
+        (dx, stacked, rows, shared, jnp.zeros([], jnp.float32)),
         (jnp.arange(n_layers), saved),
         reverse=True,
     )
@@ -394,14 +396,14 @@ def layerwise_step(
     (embed_grads,) = embed_vjp(dx)
     rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
     rest_grads, rest_norm = _clip(rest_grads, grad_clip)
-    updates, new_rest_state = tx.update(rest_grads, rest_state(split, rows_leaves), rest_part)
-    rest_part = optax.apply_updates(rest_part, updates)
+    leaves = list(state_leaves)
+    for i, row in rows.items():
+        leaves[i] = row.reshape(np.shape(state_leaves[i])).astype(state_leaves[i].dtype)
     for i, value in shared.items():  # shared leaves (counters): as the layers left them,
-        rows_leaves[i] = value  # unless the other leaves' update also writes them
-    leaves = scatter_rest_state(split, rows_leaves, new_rest_state)
-    for i, per_layer in split.layer_sources:
-        if per_layer:
-            leaves[i] = leaves[i].reshape(np.shape(state_leaves[i]))
+        leaves[i] = value  # unless the other leaves' update writes them too
+    updates, new_rest_state = tx.update(rest_grads, rest_state(split, state_leaves), rest_part)
+    rest_part = optax.apply_updates(rest_part, updates)
+    leaves = scatter_rest_state(split, leaves, new_rest_state)
     params = merge_params({LAYERS: stacked}, rest_part)
     grad_norm = jnp.sqrt(layer_sq + jnp.square(rest_norm))
     return params, split.full_treedef.unflatten(leaves), loss, grad_norm
