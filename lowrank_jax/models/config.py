@@ -48,7 +48,7 @@ class LlamaConfig:
       dtype: computation dtype (``"float32"``, ``"bfloat16"``); ``param_dtype``: storage dtype.
       fsdp_axis, tensor_axis: mesh axis names in the sharding metadata (``None``: replicated).
       model_type: the HF ``model_type`` this config exports as (``llama``, ``mistral``, ``qwen2``,
-        ``qwen3``, ``gemma3_text``).
+        ``qwen3``, ``gemma2``, ``gemma3_text``).
       qkv_bias, o_bias, mlp_bias: biases on the q/k/v, output and MLP projections.
       qk_norm: RMSNorm over ``head_dim`` on queries and keys before the rotation (Qwen3, Gemma 3).
       norm_plus_one: Gemma's RMSNorm ``x̂ · (1 + w)`` in float32 (weights initialised at 0).
