@@ -204,10 +204,6 @@ def _unsupported(model_type: str, hf: dict) -> None:
         (float(hf.get("attention_dropout", 0.0) or 0.0) > 0, "attention_dropout > 0"),
         (bool(hf.get("quantization_config")), "quantized weights (quantization_config)"),
         (bool(hf.get("use_bidirectional_attention")), "use_bidirectional_attention=true"),
-        (
-            model_type in ("mistral", "qwen2") and bool(hf.get("attention_bias")),
-            "attention_bias=true",
-        ),
         (model_type != "llama" and bool(hf.get("mlp_bias")), "mlp_bias=true"),
     ]
     for failed, what in checks:
@@ -323,11 +319,12 @@ def config_to_hf(config: LlamaConfig, *, torch_dtype: str | None = None) -> dict
         "tie_word_embeddings": config.tie_embeddings,
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.init_std,
-        "attention_bias": config.qkv_bias,
         "torch_dtype": torch_dtype or config.param_dtype,
     }
     if model_type == "llama":
         hf["mlp_bias"] = config.mlp_bias
+    if model_type not in ("mistral", "qwen2"):  # these two have no attention_bias key
+        hf["attention_bias"] = config.qkv_bias
     if model_type in _GEMMA:
         hf["hidden_activation"] = "gelu_pytorch_tanh"
         scalar = config.query_pre_attn_scalar
