@@ -7,7 +7,7 @@ BASE = dict(
     vocab_size=97,
     hidden_size=32,
     intermediate_size=48,
-    num_hidden_layers=3,
+    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=64,
@@ -52,6 +52,41 @@ FAMILIES = {
         ),
     ),
 }
+
+
+MODEL_TYPES = {
+    "llama_bias": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen2_tied": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+
+
+def tiny_config(name, **overrides):
+    """The :class:`LlamaConfig` of family ``name``'s tiny checkpoint (no torch needed)."""
+    from lowrank_jax.models.hf_config import config_from_hf
+
+    _, _, extra = FAMILIES[name]
+    return config_from_hf({**BASE, **extra, "model_type": MODEL_TYPES[name]}, **overrides)
+
+
+def randomize(model, seed=0, scale=0.3):
+    """Adds noise to every norm scale and bias (the 1-D leaves), in place."""
+    import jax
+    from flax import nnx
+
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [
+        x + scale * jax.random.normal(k, x.shape, x.dtype) if x.ndim == 1 else x
+        for x, k in zip(leaves, keys)
+    ]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
 
 
 def require_transformers():
