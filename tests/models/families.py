@@ -96,8 +96,9 @@ def require_transformers():
     return torch, transformers
 
 
-def tiny_reference(name, seed=0, **overrides):
-    """A random transformers model of family ``name`` with random norms and biases."""
+def tiny_reference(name, seed=0, sharpen=1.0, **overrides):
+    """A random transformers model of family ``name`` with random norms and biases (its
+    matrices scaled by ``sharpen``: larger logits, less repetitive greedy text)."""
     torch, transformers = require_transformers()
     config_cls, model_cls, extra = FAMILIES[name]
     torch.manual_seed(seed)
@@ -111,6 +112,8 @@ def tiny_reference(name, seed=0, **overrides):
                 p.uniform_(-0.5, 0.5) if gemma else p.uniform_(0.5, 1.5)
             elif param_name.endswith("bias"):
                 p.uniform_(-0.5, 0.5)
+            else:
+                p.mul_(sharpen)
     return model
 
 
