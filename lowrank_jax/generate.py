@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowrank_jax.data.evaluation import exact_match
+from lowrank_jax.data.sft import Example, prompt_ids
 from lowrank_jax.models.llama import init_cache
 
-__all__ = ["generate", "generate_ids", "sample_logits"]
+__all__ = ["ExactMatch", "evaluate_exact_match", "generate", "generate_ids", "sample_logits"]
 
 BUCKET = 16
 
@@ -216,3 +218,46 @@ def generate(
     )
     texts = [tokenizer.decode([t for t in ids if t not in eos_ids]) for ids in outputs]
     return texts[0] if single else texts
+
+
+class ExactMatch(NamedTuple):
+    """Held-out exact match: the score and, per example, the generation and the reference."""
+
+    score: float
+    predictions: list[str]
+    answers: list[str]
+
+
+def evaluate_exact_match(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> ExactMatch:
+    """Greedy answers to the prompts of ``examples`` scored against their answers.
+
+    Each example's prompt is :func:`~lowrank_jax.data.sft.prompt_ids` (the conversation up to
+    its last assistant turn, with the template's generation prompt); the reply, decoded without
+    special tokens, matches when equal to ``example.answer`` after
+    :func:`~lowrank_jax.data.evaluation.normalize_answer`. Batches keep one shape (the last
+    is filled up with repeats), so the generation compiles once per prompt-length bucket.
+
+    Raises:
+      ValueError: no example has an answer.
+    """
+    examples = [e for e in examples if e.answer is not None]
+    if not examples:
+        raise ValueError("no example has an answer to compare with (text records have none)")
+    eos_ids = getattr(tokenizer, "eos_ids", None) or (tokenizer.eos_id,)
+    prompts = [prompt_ids(e, tokenizer).tolist() for e in examples]
+    predictions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        filled = batch + [batch[-1]] * (min(batch_size, len(prompts)) - len(batch))
+        outputs = generate_ids(model, filled, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+        for ids in outputs[: len(batch)]:
+            predictions.append(tokenizer.decode([t for t in ids if t not in eos_ids]))
+    answers = [e.answer for e in examples]
+    return ExactMatch(exact_match(predictions, answers), predictions, answers)
