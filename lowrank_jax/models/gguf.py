@@ -34,7 +34,7 @@ from lowrank_jax.models.hf import from_tensors
 from lowrank_jax.models.hf_config import UnsupportedCheckpointError, config_from_hf
 from lowrank_jax.models.llama import Llama, LlamaConfig
 
-__all__ = ["ARCHITECTURES", "gguf_config", "gguf_tokenizer", "load_gguf"]
+__all__ = ["ARCHITECTURES", "gguf_config", "gguf_tokenizer", "load_gguf", "open_gguf"]
 
 ARCHITECTURES = {
     "llama": "llama",
@@ -57,7 +57,7 @@ def _gguf():
     return gguf
 
 
-def _reader(path: Any) -> Any:
+def open_gguf(path: Any) -> Any:
     """A ``gguf.GGUFReader`` of ``path`` (or ``path`` itself when it is one: parsing a large
     vocabulary takes seconds, so the model and the tokenizer can share one reader)."""
     if not isinstance(path, (str, os.PathLike)):
@@ -88,7 +88,7 @@ def gguf_config(path_or_reader: Any, **overrides: Any) -> LlamaConfig:
       UnsupportedCheckpointError: another architecture, per-layer head counts, a partial or
         YaRN/LLaMA-3.1 (``rope_freqs``) rotary scaling.
     """
-    reader = _reader(path_or_reader)
+    reader = open_gguf(path_or_reader)
     arch = _architecture(reader)
 
     def get(key: str, default: Any = None) -> Any:
@@ -219,7 +219,7 @@ def load_gguf(path: Any, **overrides: Any) -> Llama:
         tensor the model does not use.
     """
     gguf = _gguf()
-    reader = _reader(path)
+    reader = open_gguf(path)
     arch = _architecture(reader)
     config = gguf_config(reader, **overrides)
     tensors = {t.name: t for t in reader.tensors}
@@ -299,7 +299,7 @@ def gguf_tokenizer(path: Any) -> Any:
     """
     from lowrank_jax.data.hf_tokenizer import HFTokenizer, _import_tokenizers, bos_eos_processor
 
-    reader = _reader(path)
+    reader = open_gguf(path)
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:
         raise UnsupportedCheckpointError(

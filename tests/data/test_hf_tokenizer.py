@@ -86,6 +86,7 @@ def test_special_tokens_and_stop_ids_without_transformers(tmp_path):
 
 
 def test_template_features_render():
+    pytest.importorskip("jinja2", reason="chat templates need jinja2 (the `finetune` extra)")
     text = render_chat(
         TEMPLATES["gemma"],
         [{"role": "user", "content": "hi", "meta": {"a": "é<b>"}}, {"role": "assistant"}],

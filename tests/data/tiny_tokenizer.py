@@ -83,6 +83,7 @@ def write_checkpoint_tokenizer(
 ):
     """Writes tokenizer.json, tokenizer_config.json (and generation_config.json) to ``path``."""
     tokenizers = pytest.importorskip("tokenizers", reason="needs tokenizers (the `finetune` extra)")
+    pytest.importorskip("jinja2", reason="chat templates need jinja2 (the `finetune` extra)")
     bos = {"chatml": "<|endoftext|>", "llama3": "<|begin_of_text|>", "gemma": "<bos>"}[template]
     eos = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}[template]
     path.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from lowrank_jax.models import Llama, load_hf, save_hf
 from lowrank_jax.models.hf_config import UnsupportedCheckpointError, config_from_hf, config_to_hf
@@ -17,6 +18,7 @@ from tests.models.families import (
     reference_logits,
     relative_error,
     require_transformers,
+    tiny_config,
     tiny_reference,
 )
 
@@ -240,3 +242,18 @@ def test_export_rejects_switches_the_family_cannot_express():
         config_to_hf(dataclasses.replace(config, qk_norm=True))
     with pytest.raises(ValueError, match="o_bias"):
         config_to_hf(dataclasses.replace(config, qkv_bias=True))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_param_count_and_sharding_metadata(name):
+    config = tiny_config(name, scan_layers=True)
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params()
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(params))["layers"]
+    if config.qkv_bias:
+        assert specs["attn"]["q_proj"]["bias"] == PartitionSpec(None, "tensor")
+    if config.qk_norm:
+        assert specs["attn"]["q_norm"]["scale"] == PartitionSpec(None, None)
+    if config.sandwich_norms:
+        assert specs["post_mlp_norm"]["scale"] == PartitionSpec(None, None)

@@ -180,3 +180,22 @@ def test_real_smollm2_gguf_matches_transformers(smollm2):
         "<|im_start|>user\nhi<|im_end|>",
     ]:
         assert tokenizer.encode(text).tolist() == hf_tokenizer(text)["input_ids"]
+
+
+def test_load_pretrained_reads_directories_and_gguf_files(tmp_path):
+    from lowrank_jax.models.pretrained import load_pretrained
+
+    model = _checkpoint(tmp_path, "qwen2_tied")
+    source = write_checkpoint_tokenizer(tmp_path / "hf")  # the tokenizer next to the weights
+    loaded, tokenizer = load_pretrained(str(tmp_path / "hf"), scan_layers=True)
+    assert loaded.config.scan_layers and tokenizer.chat_template == CHATML
+    np.testing.assert_allclose(forward(loaded, TOKENS), forward(model, TOKENS), atol=1e-5)
+    path = convert(
+        tmp_path / "hf", tmp_path / "m.gguf", tokenizer_json=str(source / "tokenizer.json")
+    )
+    from_gguf, gguf_tok = load_pretrained(path)
+    assert gguf_tok.encode("12 + 7").tolist() == tokenizer.encode("12 + 7").tolist()
+    _, replaced = load_pretrained(path, tokenizer_path=str(source))
+    assert replaced.chat_template == CHATML
+    with pytest.raises(UnsupportedCheckpointError, match="not a local checkpoint directory"):
+        load_pretrained("no/such/checkpoint")  # an invalid hub id: fails before any network
