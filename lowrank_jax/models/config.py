@@ -8,8 +8,8 @@ LLaMA configs, parameter paths and computation are unchanged by their existence.
 
 Example:
   >>> from lowrank_jax.models import get_config
-  >>> get_config("llama_tiny", vocab_size=259).num_params() // 1000
-  1049
+  >>> get_config("llama_tiny", vocab_size=259).num_params()
+  857984
 """
 
 from __future__ import annotations

@@ -45,6 +45,8 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "from_tensors",
+    "hf_name_map",
+    "layer_weights",
     "load_hf",
     "save_hf",
 ]
@@ -82,10 +84,19 @@ def layer_weights(config: LlamaConfig) -> Iterator[tuple[tuple, str, bool]]:
         yield ("post_mlp_norm", "scale"), "post_feedforward_layernorm.weight", False
 
 
-def _name_map(
+def hf_name_map(
     config: LlamaConfig, prefix: str = "model.", head: str = "lm_head.weight"
 ) -> Iterator[tuple[tuple, int | None, str, bool]]:
-    """``(our path, layer index or None, HF name, transpose)`` for every weight."""
+    """``(our path, layer index or None, HF tensor name, transpose)`` for every parameter of a
+    model of ``config``, in HF's layout (``transpose``: ours is the transposed ``(in, out)``
+    kernel). A scanned model's layer paths have no index (the layer axis is stacked).
+
+    Example:
+      >>> from lowrank_jax.models import get_config
+      >>> names = hf_name_map(get_config("llama_tiny"))
+      >>> next(p for p in names if p[0][-2:] == ("q_proj", "kernel"))
+      (('layers', 0, 'attn', 'q_proj', 'kernel'), 0, 'model.layers.0.self_attn.q_proj.weight', True)
+    """
     yield ("embed", "embedding"), None, f"{prefix}embed_tokens.weight", False
     for i in range(config.num_layers):
         for path, name, transpose in layer_weights(config):
@@ -167,7 +178,7 @@ def load_hf(path: str, **overrides: Any) -> Llama:
     config = config_from_hf(hf, **overrides)
     files = _open_tensors(path)
     prefix, head, ignorable = _prefixes(hf.get("model_type", "llama"), files)
-    names = list(_name_map(config, prefix, head))
+    names = list(hf_name_map(config, prefix, head))
     missing = [name for _, _, name, _ in names if name not in files]
     if missing:
         raise UnsupportedCheckpointError(f"the checkpoint has no tensor {missing[0]!r}.")
@@ -200,7 +211,7 @@ def from_tensors(config: LlamaConfig, tensors: Sequence[tuple]) -> Llama:
     Args:
       config: the architecture.
       tensors: ``(our path, layer index or None, array, transpose, name for messages)`` for
-        every parameter, as :func:`_name_map` lists them (a scanned model's layer paths have no
+        every parameter, as :func:`hf_name_map` lists them (a scanned model's layer paths have no
         index: the layers are stacked in index order).
 
     Raises:
@@ -252,7 +263,7 @@ def save_hf(model: Llama, path: str, *, max_shard_bytes: int | None = None) -> l
     hf_config = config_to_hf(config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors: dict[str, jax.Array] = {}
-    for ours, layer, name, transpose in _name_map(config):
+    for ours, layer, name, transpose in hf_name_map(config):
         value = _get(params, ours)
         if config.scan_layers and layer is not None:
             value = value[layer]

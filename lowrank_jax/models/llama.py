@@ -154,7 +154,7 @@ class Llama(nnx.Module):
         x = self.embed(tokens)
         if cfg.scale_embeddings:
             # HF rounds the scale to the embedding's dtype (Gemma: sqrt(3072) -> 55.5 in bf16).
-            scale = jnp.asarray(cfg.hidden_size**0.5, self.embed.embedding[...].dtype)
+            scale = jnp.asarray(cfg.hidden_size**0.5, jnp.dtype(cfg.param_dtype))
             x = x * scale.astype(x.dtype)
         x, new_kv = self._layers(x, sliding, ropes, masks, cache)
         x = self.final_norm(x)
