@@ -1,17 +1,18 @@
-"""Load and save HuggingFace LLaMA checkpoints (``config.json`` + safetensors) as a :class:`Llama`.
+"""Load and save HuggingFace checkpoints (``config.json`` + safetensors) as a :class:`Llama`.
 
 The layout is ``LlamaForCausalLM``'s: ``model.embed_tokens.weight``,
 ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``, ``model.layers.{i}.mlp.{gate,up,down}_proj
 .weight``, ``model.layers.{i}.{input,post_attention}_layernorm.weight``, ``model.norm.weight`` and
-``lm_head.weight`` (PyTorch ``(out, in)`` weights; our kernels are their transposes). A single
-``model.safetensors`` and sharded ``model.safetensors.index.json`` checkpoints both load; saving
-shards when ``max_shard_bytes`` is given.
+``lm_head.weight`` (PyTorch ``(out, in)`` weights; our kernels are their transposes), plus what
+the family adds: ``self_attn.{q,k,v}_proj.bias`` (Qwen2), ``self_attn.{q,k}_norm.weight``
+(Qwen3, Gemma 3), ``{pre,post}_feedforward_layernorm.weight`` (Gemma 3). A multimodal Gemma 3
+checkpoint (``model_type: gemma3``) loads its language model; the vision tower is skipped.
+A single ``model.safetensors`` and sharded ``model.safetensors.index.json`` checkpoints both
+load; saving shards when ``max_shard_bytes`` is given.
 
-Everything the config says is honoured -- grouped-query attention (``num_key_value_heads``),
-``head_dim``, tied embeddings, ``rope_theta`` and the ``linear``/``llama3`` rope scalings, the
-RMSNorm epsilon, the vocabulary size -- and a feature this model does not implement (biases,
-another activation, dropout, other rope types, quantisation) raises
-:class:`UnsupportedCheckpointError` instead of loading something silently different.
+Everything the config says is honoured (see :mod:`lowrank_jax.models.hf_config`), and a feature
+this model does not implement (another activation, dropout, other rope types, quantisation)
+raises :class:`UnsupportedCheckpointError` instead of loading something silently different.
 
 Example:
   >>> from lowrank_jax.models import hf
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -32,137 +33,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowrank_jax.models.hf_config import (
+    UnsupportedCheckpointError,
+    config_from_hf,
+    config_to_hf,
+)
 from lowrank_jax.models.llama import Llama, LlamaConfig
 
 __all__ = [
     "UnsupportedCheckpointError",
     "config_from_hf",
     "config_to_hf",
+    "from_tensors",
+    "hf_name_map",
+    "layer_weights",
     "load_hf",
     "save_hf",
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_ROPE_TYPES = ("default", "linear", "llama3")
-# Keys of rope_parameters each supported type needs (besides rope_type / rope_theta).
-_ROPE_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The checkpoint uses a feature this LLaMA does not implement, or is malformed."""
-
-
-def _rope(hf: dict) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
-    params = dict(hf.get("rope_parameters") or {})
-    if hf.get("rope_scaling"):
-        params.update(hf["rope_scaling"])
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _ROPE_TYPES:
-        raise UnsupportedCheckpointError(
-            f"rope type {rope_type!r} is not supported; supported: {', '.join(_ROPE_TYPES)}."
-        )
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedCheckpointError("partial_rotary_factor != 1 is not supported.")
-    if rope_type == "default":
-        return theta, None
-    missing = [k for k in _ROPE_KEYS[rope_type] if k not in params]
-    if missing:
-        raise UnsupportedCheckpointError(f"rope type {rope_type!r} needs {missing} in the config.")
-    scaling = (("rope_type", rope_type),) + tuple((k, params[k]) for k in _ROPE_KEYS[rope_type])
-    return theta, scaling
-
-
-def config_from_hf(hf: dict, **overrides: Any) -> LlamaConfig:
-    """A :class:`LlamaConfig` from an HF ``config.json`` dict, rejecting what we cannot honour.
-
-    Args:
-      hf: the parsed ``config.json``.
-      **overrides: :class:`LlamaConfig` fields that are ours, not the checkpoint's
-        (``scan_layers``, ``remat``, ``dtype``, ``param_dtype``, sharding axes).
-
-    Raises:
-      UnsupportedCheckpointError: not a LLaMA, or a feature this model does not implement.
-    """
-    model_type = hf.get("model_type", "llama")
-    if model_type != "llama":
-        raise UnsupportedCheckpointError(
-            f"model_type {model_type!r} is not supported; only 'llama' (LlamaForCausalLM)."
-        )
-    checks = [
-        (
-            hf.get("hidden_act", "silu") != "silu",
-            f"hidden_act {hf.get('hidden_act')!r} (only silu)",
-        ),
-        (bool(hf.get("attention_bias", False)), "attention_bias=true (biases on q/k/v/o)"),
-        (bool(hf.get("mlp_bias", False)), "mlp_bias=true (biases in the MLP)"),
-        (float(hf.get("attention_dropout", 0.0) or 0.0) > 0, "attention_dropout > 0"),
-        (bool(hf.get("quantization_config")), "quantized weights (quantization_config)"),
-    ]
-    for failed, what in checks:
-        if failed:
-            raise UnsupportedCheckpointError(f"unsupported LLaMA feature: {what}.")
-    try:
-        theta, scaling = _rope(hf)
-        kwargs = dict(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_heads=int(hf["num_attention_heads"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            head_dim=int(hf["head_dim"]) if hf.get("head_dim") else None,
-            rope_theta=theta,
-            rope_scaling=scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            init_std=float(hf.get("initializer_range", 0.02)),
-        )
-    except KeyError as err:
-        raise UnsupportedCheckpointError(f"config.json lacks the required key {err}.") from None
-    kwargs.update(overrides)
-    try:
-        return LlamaConfig(**kwargs)
-    except ValueError as err:
-        raise UnsupportedCheckpointError(f"inconsistent config.json: {err}") from None
-
-
-def config_to_hf(config: LlamaConfig, *, torch_dtype: str | None = None) -> dict:
-    """The HF ``config.json`` dict of ``config`` (``LlamaForCausalLM``)."""
-    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
-    rope_parameters.update(dict(config.rope_scaling or ()))
-    hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": config.num_heads,
-        "num_hidden_layers": config.num_layers,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": rope_parameters,
-        "tie_word_embeddings": config.tie_embeddings,
-        "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": config.init_std,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": torch_dtype or config.param_dtype,
-    }
-    if config.rope_scaling:
-        hf["rope_scaling"] = dict(rope_parameters)
-    return hf
-
-
 _LAYER_WEIGHTS = (
     (("attn", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
     (("attn", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
@@ -176,16 +66,62 @@ _LAYER_WEIGHTS = (
 )
 
 
-def _name_map(config: LlamaConfig) -> Iterator[tuple[tuple, int | None, str, bool]]:
-    """``(our path, layer index or None, HF name, transpose)`` for every weight."""
-    yield ("embed", "embedding"), None, "model.embed_tokens.weight", False
+def layer_weights(config: LlamaConfig) -> Iterator[tuple[tuple, str, bool]]:
+    """``(our path in a layer, HF name in a layer, transpose)`` of every weight of a layer."""
+    yield from _LAYER_WEIGHTS
+    biases = [("q", "attn", config.qkv_bias), ("k", "attn", config.qkv_bias)]
+    biases += [("v", "attn", config.qkv_bias), ("o", "attn", config.o_bias)]
+    biases += [(p, "mlp", config.mlp_bias) for p in ("gate", "up", "down")]
+    for proj, block, present in biases:
+        if present:
+            hf_block = "self_attn" if block == "attn" else "mlp"
+            yield (block, f"{proj}_proj", "bias"), f"{hf_block}.{proj}_proj.bias", False
+    if config.qk_norm:
+        yield ("attn", "q_norm", "scale"), "self_attn.q_norm.weight", False
+        yield ("attn", "k_norm", "scale"), "self_attn.k_norm.weight", False
+    if config.sandwich_norms:
+        yield ("pre_mlp_norm", "scale"), "pre_feedforward_layernorm.weight", False
+        yield ("post_mlp_norm", "scale"), "post_feedforward_layernorm.weight", False
+
+
+def hf_name_map(
+    config: LlamaConfig, prefix: str = "model.", head: str = "lm_head.weight"
+) -> Iterator[tuple[tuple, int | None, str, bool]]:
+    """``(our path, layer index or None, HF tensor name, transpose)`` for every parameter of a
+    model of ``config``, in HF's layout (``transpose``: ours is the transposed ``(in, out)``
+    kernel). A scanned model's layer paths have no index (the layer axis is stacked).
+
+    Example:
+      >>> from lowrank_jax.models import get_config
+      >>> names = hf_name_map(get_config("llama_tiny"))
+      >>> next(p for p in names if p[0][-2:] == ("q_proj", "kernel"))
+      (('layers', 0, 'attn', 'q_proj', 'kernel'), 0, 'model.layers.0.self_attn.q_proj.weight', True)
+    """
+    yield ("embed", "embedding"), None, f"{prefix}embed_tokens.weight", False
     for i in range(config.num_layers):
-        for path, name, transpose in _LAYER_WEIGHTS:
+        for path, name, transpose in layer_weights(config):
             ours = ("layers",) + path if config.scan_layers else ("layers", i) + path
-            yield ours, i, f"model.layers.{i}.{name}", transpose
-    yield ("final_norm", "scale"), None, "model.norm.weight", False
+            yield ours, i, f"{prefix}layers.{i}.{name}", transpose
+    yield ("final_norm", "scale"), None, f"{prefix}norm.weight", False
     if not config.tie_embeddings:
-        yield ("lm_head", "kernel"), None, "lm_head.weight", True
+        yield ("lm_head", "kernel"), None, head, True
+
+
+# Where a multimodal Gemma 3 keeps its language model: transformers 5 and 4 layouts.
+_MULTIMODAL_PREFIXES = (
+    ("model.language_model.", "lm_head.weight"),
+    ("language_model.model.", "language_model.lm_head.weight"),
+)
+
+
+def _prefixes(model_type: str, files: dict) -> tuple[str, str, tuple[str, ...]]:
+    """``(weight prefix, head name, ignorable name prefixes)`` of a checkpoint's tensors."""
+    if model_type == "gemma3":
+        for prefix, head in _MULTIMODAL_PREFIXES:
+            if f"{prefix}embed_tokens.weight" in files:
+                other = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.")
+                return prefix, head, other + ("model.multi_modal_projector.",)
+    return "model.", "lm_head.weight", ()
 
 
 def _get(tree: dict, path: tuple) -> Any:
@@ -219,7 +155,7 @@ def _open_tensors(path: str) -> dict[str, str]:
 
 
 def load_hf(path: str, **overrides: Any) -> Llama:
-    """Loads an HF LLaMA checkpoint directory into a :class:`Llama`.
+    """Loads an HF checkpoint directory of a supported family into a :class:`Llama`.
 
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
@@ -238,11 +174,11 @@ def load_hf(path: str, **overrides: Any) -> Llama:
     if not os.path.exists(config_path):
         raise UnsupportedCheckpointError(f"{path} has no config.json.")
     with open(config_path) as f:
-        config = config_from_hf(json.load(f), **overrides)
+        hf = json.load(f)
+    config = config_from_hf(hf, **overrides)
     files = _open_tensors(path)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-    params = nnx.to_pure_dict(abstract)
-    names = list(_name_map(config))
+    prefix, head, ignorable = _prefixes(hf.get("model_type", "llama"), files)
+    names = list(hf_name_map(config, prefix, head))
     missing = [name for _, _, name, _ in names if name not in files]
     if missing:
         raise UnsupportedCheckpointError(f"the checkpoint has no tensor {missing[0]!r}.")
@@ -250,27 +186,52 @@ def load_hf(path: str, **overrides: Any) -> Llama:
     for file in sorted({files[name] for _, _, name, _ in names}):
         with safe_open(file, framework="flax") as f:
             loaded.update({n: f.get_tensor(n) for _, _, n, _ in names if files[n] == file})
+    wanted = {name for _, _, name, _ in names}
+    extra = sorted(
+        n
+        for n in files
+        if n not in wanted
+        and not n.endswith(("rotary_emb.inv_freq", head))
+        and not n.startswith(ignorable)
+    )
+    if extra:
+        raise UnsupportedCheckpointError(
+            f"the checkpoint has tensors this {config.model_type} model does not use: {extra[:5]}"
+            + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        )
+    return from_tensors(
+        config,
+        [(ours, layer, loaded[name], transpose, name) for ours, layer, name, transpose in names],
+    )
+
+
+def from_tensors(config: LlamaConfig, tensors: Sequence[tuple]) -> Llama:
+    """A :class:`Llama` of ``config`` whose parameters are the given tensors.
+
+    Args:
+      config: the architecture.
+      tensors: ``(our path, layer index or None, array, transpose, name for messages)`` for
+        every parameter, as :func:`hf_name_map` lists them (a scanned model's layer paths have no
+        index: the layers are stacked in index order).
+
+    Raises:
+      UnsupportedCheckpointError: a tensor's shape differs from the config's.
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    params = nnx.to_pure_dict(abstract)
     dtype = jnp.dtype(config.param_dtype)
     stacks: dict[tuple, list] = {}
-    for ours, layer, name, transpose in names:
-        value = (loaded[name].T if transpose else loaded[name]).astype(dtype)
+    for ours, layer, array, transpose, name in tensors:
+        value = (array.T if transpose else array).astype(dtype)
         if config.scan_layers and layer is not None:
-            stacks.setdefault(ours, []).append(value)
+            stacks.setdefault(ours, []).append((layer, value))
         else:
             _check_shape(name, value, _get(params, ours))
             _set(params, ours, value)
     for ours, values in stacks.items():
-        value = jnp.stack(values)
+        value = jnp.stack([v for _, v in sorted(values, key=lambda lv: lv[0])])
         _check_shape(ours, value, _get(params, ours))
         _set(params, ours, value)
-    ignorable = ("rotary_emb.inv_freq", "lm_head.weight")
-    wanted = {name for _, _, name, _ in names}
-    extra = sorted(n for n in files if n not in wanted and not n.endswith(ignorable))
-    if extra:
-        raise UnsupportedCheckpointError(
-            f"the checkpoint has tensors this LLaMA does not use: {extra[:5]}"
-            + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        )
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract)
 
@@ -284,7 +245,7 @@ def _check_shape(name: Any, value: Any, target: Any) -> None:
 
 
 def save_hf(model: Llama, path: str, *, max_shard_bytes: int | None = None) -> list[str]:
-    """Saves ``model`` as an HF ``LlamaForCausalLM`` checkpoint directory.
+    """Saves ``model`` as an HF checkpoint directory of its family (``config.model_type``).
 
     Args:
       model: a :class:`Llama` (scanned or not).
@@ -299,16 +260,17 @@ def save_hf(model: Llama, path: str, *, max_shard_bytes: int | None = None) -> l
     from safetensors.flax import save_file
 
     config = model.config
+    hf_config = config_to_hf(config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors: dict[str, jax.Array] = {}
-    for ours, layer, name, transpose in _name_map(config):
+    for ours, layer, name, transpose in hf_name_map(config):
         value = _get(params, ours)
         if config.scan_layers and layer is not None:
             value = value[layer]
         tensors[name] = jnp.asarray(value.T if transpose else value)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(config), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     shards = _shard(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1 and max_shard_bytes is None:

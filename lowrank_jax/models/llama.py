@@ -12,6 +12,11 @@ targeting picks exactly the attention and MLP projections::
     final_norm/scale                 (hidden,)
     lm_head/kernel                   (hidden, vocab)              absent with tied embeddings
 
+Other families add leaves where their config says so (:class:`LlamaConfig`): ``attn/q_proj/bias``
+(Qwen2), ``attn/q_norm/scale`` and ``attn/k_norm/scale`` (Qwen3, Gemma 3), ``pre_mlp_norm/scale``
+and ``post_mlp_norm/scale`` (Gemma 3's sandwich norms; there ``post_attn_norm`` normalises the
+attention output instead of the MLP input, as HF's ``post_attention_layernorm`` does).
+
 With ``scan_layers=True`` the layers are one module whose weights are stacked ``[L, ...]``
 (``layers/attn/q_proj/kernel`` is ``[L, hidden, heads * head_dim]``) and run by ``lax.scan``:
 one compiled layer, and GaLore treats ``L`` as a batch axis.
@@ -28,248 +33,57 @@ Example:
   >>> model = Llama(get_config("llama_tiny", vocab_size=259), rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((2, 16), jnp.int32)).shape
   (2, 16, 259)
+
+Packed documents pass ``segment_ids`` (a token attends only within its document) and
+``positions`` (restarting at 0 per document); decoding passes a :class:`KVCache`
+(:func:`init_cache`) and gets the updated cache back.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-__all__ = ["CONFIGS", "Llama", "LlamaConfig", "get_config", "rope_frequencies"]
+from lowrank_jax.models.config import CONFIGS, LlamaConfig, get_config, rope_frequencies
+from lowrank_jax.models.layers import DecoderLayer, RMSNorm, _linear, _softcap, _spec
+from lowrank_jax.models.layers import attention_mask as attention_mask
+
+__all__ = [
+    "CONFIGS",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "get_config",
+    "init_cache",
+    "rope_frequencies",
+]
 
 
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Architecture and numerics of a :class:`Llama`.
+class KVCache(NamedTuple):
+    """Keys and values of the tokens seen so far, for decoding one token at a time.
 
     Attributes:
-      vocab_size: number of token ids.
-      hidden_size, intermediate_size: model and MLP widths.
-      num_heads: query heads; ``num_kv_heads`` key/value heads (grouped-query attention when
-        fewer; ``None`` means ``num_heads``).
-      num_layers: decoder layers.
-      head_dim: per-head width (``None``: ``hidden_size // num_heads``).
-      rope_theta: rotary base. ``rope_scaling`` is ``None`` or a tuple of ``(key, value)`` pairs
-        of HF's ``rope_parameters`` for the ``"linear"`` and ``"llama3"`` rope types.
-      rms_norm_eps: RMSNorm epsilon.
-      tie_embeddings: the output projection is the transposed embedding (no ``lm_head``).
-      max_position_embeddings: context length the checkpoint was trained for (HF export).
-      init_std: standard deviation of the normal initialisation of kernels and embeddings.
-      scan_layers: stack the layers ``[L, ...]`` and run them with ``lax.scan``.
-      remat: rematerialise each layer's activations in the backward pass.
-      dtype: computation dtype (``"float32"``, ``"bfloat16"``); ``param_dtype``: storage dtype.
-      fsdp_axis, tensor_axis: mesh axis names in the sharding metadata (``None``: replicated).
+      keys, values: ``[num_layers, batch, length, kv_heads, head_dim]`` (rotated keys).
+      segment_ids: ``int32[batch, length]``: each slot's document id (``0`` for empty slots
+        and left padding, which real tokens, of id ``1`` by default, never attend to).
+      index: ``int32[]``: the next free slot.
     """
 
-    vocab_size: int = 32000
-    hidden_size: int = 512
-    intermediate_size: int = 1376
-    num_heads: int = 8
-    num_layers: int = 8
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None
-    rms_norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    max_position_embeddings: int = 2048
-    init_std: float = 0.02
-    scan_layers: bool = False
-    remat: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    fsdp_axis: str | None = "fsdp"
-    tensor_axis: str | None = "tensor"
-
-    def __post_init__(self):
-        kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-        hd = self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
-        object.__setattr__(self, "num_kv_heads", kv)
-        object.__setattr__(self, "head_dim", hd)
-        if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
-            )
-        if self.num_heads % kv:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {kv}.")
-        if hd % 2:
-            raise ValueError(f"head_dim {hd} must be even for rotary embeddings.")
-
-    def num_params(self) -> int:
-        """Number of parameters (embedding and head included)."""
-        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        layer = attn + mlp + 2 * self.hidden_size
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
-        return self.num_layers * layer + embed + self.hidden_size
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
 
 
-# hidden / intermediate / heads / layers: GaLore's configs/llama_*.json (reference galore.md
-# §4.3). llama_20m is ours (GaLore has none): the 60M shape at half width and half depth.
-# llama_tiny (~1M parameters with a byte vocabulary) is for tests and quick demos.
-CONFIGS: dict[str, LlamaConfig] = {
-    "llama_tiny": LlamaConfig(
-        hidden_size=128,
-        intermediate_size=344,
-        num_heads=4,
-        num_layers=4,
-        max_position_embeddings=1024,
-    ),
-    "llama_20m": LlamaConfig(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4),
-    "llama_60m": LlamaConfig(hidden_size=512, intermediate_size=1376, num_heads=8, num_layers=8),
-    "llama_130m": LlamaConfig(hidden_size=768, intermediate_size=2048, num_heads=12, num_layers=12),
-    "llama_350m": LlamaConfig(
-        hidden_size=1024, intermediate_size=2736, num_heads=16, num_layers=24
-    ),
-    "llama_1b": LlamaConfig(hidden_size=2048, intermediate_size=5461, num_heads=32, num_layers=24),
-    "llama_7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_heads=32, num_layers=32),
-}
-
-
-def get_config(name: str, **overrides: Any) -> LlamaConfig:
-    """The named config (``llama_tiny``, ``llama_20m``, ... ``llama_7b``) with ``overrides``.
-
-    Args:
-      name: a key of :data:`CONFIGS`.
-      **overrides: :class:`LlamaConfig` fields, e.g. ``vocab_size=259, scan_layers=True``.
-
-    Raises:
-      ValueError: unknown name (the message lists the choices) or unknown field.
-    """
-    if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown LlamaConfig fields {unknown}; valid: {sorted(fields)}")
-    return dataclasses.replace(CONFIGS[name], **overrides)
-
-
-def rope_frequencies(config: LlamaConfig) -> np.ndarray:
-    """Inverse rotary frequencies ``θ^(-2i/d)``, rescaled as HF's ``linear``/``llama3`` types."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    scaling = dict(config.rope_scaling or ())
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
-        factor, low, high = (
-            scaling["factor"],
-            scaling["low_freq_factor"],
-            scaling["high_freq_factor"],
-        )
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(medium, smoothed, scaled)
-    elif rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3).")
-    return inv_freq.astype(np.float32)
-
-
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """HF's ``x * cos + rotate_half(x) * sin`` (halves, not interleaved pairs)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos + rotated * sin).astype(x.dtype)
-
-
-def _spec(config: LlamaConfig, *axes: str | None) -> tuple[str | None, ...]:
-    names = {"fsdp": config.fsdp_axis, "tensor": config.tensor_axis, None: None}
-    return tuple(names[a] for a in axes)
-
-
-def _linear(config: LlamaConfig, n_in: int, n_out: int, spec: tuple, rngs: nnx.Rngs) -> nnx.Linear:
-    init = nnx.with_partitioning(nnx.initializers.normal(config.init_std), _spec(config, *spec))
-    return nnx.Linear(
-        n_in,
-        n_out,
-        use_bias=False,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=init,
-        rngs=rngs,
-    )
-
-
-class RMSNorm(nnx.Module):
-    """``x / sqrt(mean(x²) + ε) · scale``, normalised in float32 as HF's ``LlamaRMSNorm``."""
-
-    def __init__(self, config: LlamaConfig):
-        init = nnx.with_partitioning(nnx.initializers.ones, (None,))
-        self.eps = config.rms_norm_eps
-        self.scale = nnx.Param(init(None, (config.hidden_size,), jnp.dtype(config.param_dtype)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...] * h.astype(x.dtype)
-
-
-class Attention(nnx.Module):
-    """Causal grouped-query self-attention with rotary position embeddings."""
-
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        h, hd = config.hidden_size, config.head_dim
-        self.q_proj = _linear(config, h, config.num_heads * hd, ("fsdp", "tensor"), rngs)
-        self.k_proj = _linear(config, h, config.num_kv_heads * hd, ("fsdp", "tensor"), rngs)
-        self.v_proj = _linear(config, h, config.num_kv_heads * hd, ("fsdp", "tensor"), rngs)
-        self.o_proj = _linear(config, config.num_heads * hd, h, ("tensor", "fsdp"), rngs)
-
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        cfg = self.config
-        batch, length, _ = x.shape
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = self.q_proj(x).reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
-        k = self.k_proj(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        q = _rotate(q, cos[:, :, None, None], sin[:, :, None, None])
-        k = _rotate(k, cos[:, :, None], sin[:, :, None])
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-        return self.o_proj(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
-
-
-class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        h, m = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(config, h, m, ("fsdp", "tensor"), rngs)
-        self.up_proj = _linear(config, h, m, ("fsdp", "tensor"), rngs)
-        self.down_proj = _linear(config, m, h, ("tensor", "fsdp"), rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
-
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(config)
-        self.attn = Attention(config, rngs=rngs)
-        self.post_attn_norm = RMSNorm(config)
-        self.mlp = MLP(config, rngs=rngs)
-
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), cos, sin)
-        return x + self.mlp(self.post_attn_norm(x))
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
+    """An empty :class:`KVCache` of ``length`` slots (``dtype``: default ``config.dtype``)."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(dtype or config.dtype))
+    empty = jnp.zeros((batch, length), jnp.int32)
+    return KVCache(zeros, zeros, empty, jnp.zeros((), jnp.int32))
 
 
 def _mesh_is_set() -> bool:
@@ -277,14 +91,18 @@ def _mesh_is_set() -> bool:
 
 
 class Llama(nnx.Module):
-    """LLaMA decoder-only language model (HF ``LlamaForCausalLM`` architecture).
+    """LLaMA-family decoder-only language model (HF ``LlamaForCausalLM`` and relatives).
 
     Args:
-      config: the architecture (:func:`get_config`).
+      config: the architecture (:func:`get_config`, or :func:`~lowrank_jax.models.hf.load_hf`).
       rngs: ``nnx.Rngs`` for the initialisation (keyword-only).
 
-    Call with ``tokens: int[batch, length]`` (and optional ``positions``); returns logits
-    ``[batch, length, vocab]`` in ``config.dtype``.
+    Call with ``tokens: int[batch, length]``, optional ``positions`` (rotary positions, default
+    ``0..length-1``) and ``segment_ids`` (``int[batch, length]`` document ids of packed
+    sequences; attention stays within a document); returns logits ``[batch, length, vocab]``
+    in ``config.dtype``. With ``cache=`` a :class:`KVCache`, the tokens are written at
+    ``cache.index`` and attend to everything cached before them, and the call returns
+    ``(logits, cache)``.
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -313,49 +131,164 @@ class Llama(nnx.Module):
                     config, config.hidden_size, config.vocab_size, ("fsdp", "tensor"), rngs
                 )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         cfg = self.config
-        x, context = self.embed_inputs(tokens, positions)
-        run_layer = self.run_layer
-        if cfg.remat:
-            run_layer = nnx.remat(run_layer, static_argnums=(3,))
-        if cfg.scan_layers:
-            graphdef, stacked = nnx.split(self.layers)
+        length = tokens.shape[1]
+        start = 0 if cache is None else cache.index
+        if positions is None:
+            slots = jnp.arange(length) if cache is None else jnp.arange(length) + start
+            positions = jnp.broadcast_to(slots, tokens.shape)
+        sliding = cfg.sliding_layers()
+        ropes = {False: self._rope(positions, local=False)}
+        if any(sliding):
+            local = cfg.local_rope_theta is not None
+            ropes[True] = self._rope(positions, local=True) if local else ropes[False]
+        masks, cache = self._masks(length, segment_ids, cache, set(sliding))
+        x = self.embed(tokens)
+        if cfg.scale_embeddings:
+            # HF rounds the scale to the embedding's dtype (Gemma: sqrt(3072) -> 55.5 in bf16).
+            scale = jnp.asarray(cfg.hidden_size**0.5, jnp.dtype(cfg.param_dtype))
+            x = x * scale.astype(x.dtype)
+        x, new_kv = self._layers(x, sliding, ropes, masks, cache)
+        logits = self.output_logits(x)
+        if cache is None:
+            return logits
+        keys, values = (
+            jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, start, 0, 0))
+            for c, n in zip((cache.keys, cache.values), new_kv)
+        )
+        return logits, cache._replace(keys=keys, values=values, index=start + length)
 
-            def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
-                return run_layer(nnx.merge(graphdef, layer_state), x, context, None), None
-
-            x, _ = jax.lax.scan(body, x, stacked)
-        else:
-            for index, layer in enumerate(self.layers):
-                x = run_layer(layer, x, context, index)
-        return self.output_logits(x)
-
+    # The three pieces the layer-wise train step runs separately
+    # (lowrank_jax.train.layerwise); __call__ is their composition.
     def embed_inputs(
-        self, tokens: jax.Array, positions: jax.Array | None = None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """The embedded tokens and what every layer needs (the rotary ``cos``, ``sin``)."""
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[dict, dict]]:
+        """The embedded tokens and what every layer needs: the rotary tables and the attention
+        masks of each layer kind (full / sliding)."""
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        angles = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg)
-        angles = jnp.concatenate([angles, angles], axis=-1)
-        dtype = jnp.dtype(cfg.dtype)
-        cos, sin = jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-        return self.embed(tokens), (cos, sin)
+        sliding = cfg.sliding_layers()
+        ropes = {False: self._rope(positions, local=False)}
+        if any(sliding):
+            local = cfg.local_rope_theta is not None
+            ropes[True] = self._rope(positions, local=True) if local else ropes[False]
+        masks, _ = self._masks(tokens.shape[1], segment_ids, None, set(sliding))
+        x = self.embed(tokens)
+        if cfg.scale_embeddings:
+            scale = jnp.asarray(cfg.hidden_size**0.5, jnp.dtype(cfg.param_dtype))
+            x = x * scale.astype(x.dtype)
+        return x, (ropes, masks)
 
-    @staticmethod
-    def run_layer(layer: DecoderLayer, x: jax.Array, context: Any, index: Any) -> jax.Array:
-        """Decoder layer ``index`` (an int, a traced int or ``None`` inside a scan) on ``x``."""
-        del index  # every LLaMA layer is alike
-        return layer(x, *context)
+    def run_layer(
+        self, layer: DecoderLayer, x: jax.Array, context: tuple[dict, dict], index: Any
+    ) -> jax.Array:
+        """Decoder layer ``index`` (an int or a traced int) on ``x``, given
+        :meth:`embed_inputs`' context. Uses only the config of ``self``."""
+        ropes, masks = context
+        sliding = self.config.sliding_layers()
+        if len(set(sliding)) == 1 or isinstance(index, int):
+            kind = sliding[0] if len(set(sliding)) == 1 else sliding[index]
+            (cos, sin), mask = ropes[kind], masks[kind]
+        else:  # layers of both kinds: select by the layer's flag
+            flag = jnp.asarray(sliding)[index]
+            cos, sin = (jnp.where(flag, a, b) for a, b in zip(ropes[True], ropes[False]))
+            mask = jnp.where(flag, masks[True], masks[False])
+        return layer(x, cos, sin, mask)
 
     def output_logits(self, x: jax.Array) -> jax.Array:
-        """The final norm and the LM head (or the tied embedding)."""
+        """The final norm and the LM head (or the tied embedding), soft-capped if configured."""
         x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            return self.embed.attend(x)
-        return self.lm_head(x)
+        logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+        return _softcap(logits, self.config.final_softcap)
+
+    def _rope(self, positions: jax.Array, local: bool) -> tuple[jax.Array, jax.Array]:
+        angles = positions[..., None].astype(jnp.float32) * rope_frequencies(
+            self.config, local=local
+        )
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        dtype = jnp.dtype(self.config.dtype)
+        return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+    def _masks(
+        self, length: int, segment_ids: jax.Array | None, cache: KVCache | None, kinds: set
+    ) -> tuple[dict, KVCache | None]:
+        """The attention mask of each layer kind (full / sliding), and the cache's segments."""
+        window = self.config.sliding_window
+        if cache is None:
+            if segment_ids is None and window is None:
+                return {False: jnp.tril(jnp.ones((length, length), dtype=bool))}, None
+            slots = jnp.arange(length)
+            masks = {
+                s: attention_mask(slots, slots, segment_ids, segment_ids, window if s else None)
+                for s in kinds
+            }
+            return masks, None
+        if segment_ids is None:
+            segment_ids = jnp.ones((cache.segment_ids.shape[0], length), jnp.int32)
+        k_segments = jax.lax.dynamic_update_slice(
+            cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index)
+        )
+        q_slots = cache.index + jnp.arange(length)
+        k_slots = jnp.arange(k_segments.shape[1])
+        masks = {
+            s: attention_mask(q_slots, k_slots, segment_ids, k_segments, window if s else None)
+            for s in kinds
+        }
+        return masks, cache._replace(segment_ids=k_segments)
+
+    def _layers(
+        self, x: jax.Array, sliding: tuple, ropes: dict, masks: dict, cache: KVCache | None
+    ) -> tuple[jax.Array, tuple | None]:
+        """Runs the decoder layers; returns ``x`` and, with a cache, the stacked new keys/values."""
+        cfg = self.config
+
+        def run_layer(layer: DecoderLayer, x: jax.Array, cos, sin, mask, kv=None) -> Any:
+            return layer(x, cos, sin, mask, kv)
+
+        if cfg.remat and cache is None:
+            run_layer = nnx.remat(run_layer)
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+            kinds = jnp.asarray(sliding) if len(set(sliding)) > 1 else None
+
+            def body(x: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
+                layer_state, kind, kv = xs
+                if kind is None:
+                    (cos, sin), mask = ropes[sliding[0]], masks[sliding[0]]
+                else:  # layers of both kinds in one scan: select by the layer's flag
+                    cos, sin = (jnp.where(kind, a, b) for a, b in zip(ropes[True], ropes[False]))
+                    mask = jnp.where(kind, masks[True], masks[False])
+                layer = nnx.merge(graphdef, layer_state)
+                if kv is None:
+                    return run_layer(layer, x, cos, sin, mask), None
+                return run_layer(layer, x, cos, sin, mask, (*kv, cache.index))
+
+            kvs = None if cache is None else (cache.keys, cache.values)
+            return jax.lax.scan(body, x, (stacked, kinds, kvs))
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            (cos, sin), mask = ropes[sliding[i]], masks[sliding[i]]
+            if cache is None:
+                x = run_layer(layer, x, cos, sin, mask)
+            else:
+                kv = (cache.keys[i], cache.values[i], cache.index)
+                x, new = run_layer(layer, x, cos, sin, mask, kv)
+                new_kv.append(new)
+        if cache is None:
+            return x, None
+        return x, tuple(jnp.stack(parts) for parts in zip(*new_kv))
 
 
 def _stacked_layers(config: LlamaConfig, rngs: nnx.Rngs) -> DecoderLayer:

@@ -426,13 +426,13 @@ def model_pieces(graphdef: Any, params: Any) -> LayerwiseModel:
                 f"layerwise=True: {type(model).__name__} has no {name}(); the layer-wise step "
                 "runs the model's embedding, each layer and its head separately."
             )
-    layer_def, model_cls = nnx.graphdef(model.layers), type(model)
+    layer_def = nnx.graphdef(model.layers)
 
     def embed(params: Any, inputs: Any) -> tuple[jax.Array, Any]:
         return nnx.merge(graphdef, params).embed_inputs(*inputs)
 
     def layer(layer_params: Any, x: jax.Array, context: Any, index: jax.Array) -> jax.Array:
-        return model_cls.run_layer(nnx.merge(layer_def, layer_params), x, context, index)
+        return model.run_layer(nnx.merge(layer_def, layer_params), x, context, index)
 
     def head(params: Any, x: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, params).output_logits(x)

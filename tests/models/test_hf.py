@@ -128,10 +128,9 @@ def test_bfloat16_params_load(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(model_type="mistral"), "model_type 'mistral'"),
+        (dict(model_type="phi3"), "model_type 'phi3' is not supported"),
         (dict(hidden_act="gelu"), "hidden_act"),
-        (dict(attention_bias=True), "attention_bias"),
-        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
         (dict(attention_dropout=0.1), "attention_dropout"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope type 'yarn'"),
         (dict(rope_scaling={"rope_type": "linear"}), "needs ['factor']"),
