@@ -360,20 +360,27 @@ def layerwise_step(
     def backward(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
         dx, stacked, rows, _, layer_sq = carry
         index, residual = xs
-        matrices = take(stacked, index)
+        matrices, state_rows = take(stacked, index), take(rows, index)
         grads, vector_grads, dx = layer_vjp(matrices, take(vectors, index), residual, index)(dx)
         grads, norm = _clip(grads, grad_clip)
         one = lambda t: {LAYERS: jax.tree.map(lambda a: a[None], t)}
-        with layer_offset(index):
-            updates, new_state = tx.update(
-                one(grads), layer_state(split, take(rows, index), state_leaves), one(matrices)
-            )
+        old_state = layer_state(split, state_rows, state_leaves)
+
+        def apply() -> tuple[Any, Any]:
+            with layer_offset(index):
+                updates, new_state = tx.update(one(grads), old_state, one(matrices))
+            return jax.tree.map(lambda p, u: p + u[0], matrices, updates[LAYERS]), new_state
+
+        # The update runs inside a cond (skipped, leaving the layer unchanged, when its gradient
+        # is not finite). The cond is also where XLA stops fusing: without it the update's
+        # arithmetic (which reads the moments) is fused into the in-place write of the
+        # parameters, and XLA then copies every stacked buffer to keep the writes safe.
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        new_matrices, new_state = jax.lax.cond(finite, apply, lambda: (matrices, old_state))
         stacked = jax.tree.map(
-            lambda s, p, u: jax.lax.dynamic_update_index_in_dim(s, (p + u[0]).astype(s.dtype),
-                                                                index, 0),
+            lambda s, p: jax.lax.dynamic_update_index_in_dim(s, p.astype(s.dtype), index, 0),
             stacked,
-            matrices,
-            updates[LAYERS],
+            new_matrices,
         )
         new_rows, shared = layer_rows(split, new_state)
         rows = {

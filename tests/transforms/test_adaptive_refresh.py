@@ -62,8 +62,9 @@ def test_signed_cosine_blocks_doubling_on_a_sign_flip(sign_invariant):
     proj = Projector(basis, None)
     for t in range(3):
         flipped = lambda g, old, key, t=t: Projector((-1.0) ** t * basis, None)
+        key_of = lambda m: jax.random.key(0)
         proj, state, due = refresh_leaf(
-            (), jnp.ones((6, 5)), proj, state, jnp.int32(t), jax.random.key(0), flipped, config
+            (), jnp.ones((6, 5)), proj, state, jnp.int32(t), key_of, flipped, config
         )
         assert bool(due)
     # sims -1, -1 (Q-GaLore's signed cosine) or 1, 1 (|cos|): doubling only in the second case
