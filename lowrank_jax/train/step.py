@@ -8,7 +8,7 @@ restores with their types.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["TrainState", "cross_entropy", "make_eval_step", "make_train_step", "warmup_cosine"]
+__all__ = [
+    "TrainState",
+    "cross_entropy",
+    "extended_schedule",
+    "make_eval_step",
+    "make_train_step",
+    "warmup_cosine",
+]
 
 
 class TrainState(NamedTuple):
@@ -59,6 +66,58 @@ def warmup_cosine(
     return schedule
 
 
+def extended_schedule(
+    peak_lr: float,
+    segments: Sequence[tuple[int, int]],
+    warmup_steps: int,
+    min_ratio: float = 0.1,
+) -> optax.Schedule:
+    r""":func:`warmup_cosine` planned for ``segments[0] = (0, N_0)``, then extended.
+
+    Each later segment ``(k, N)`` (a run resumed at update ``k`` with ``--extend`` to ``N``
+    steps) keeps the schedule before ``k`` and, from ``k`` on, continues the cosine from the
+    learning rate it had reached down to the minimum at ``N``:
+
+    .. math::
+        \eta_s = m\eta + (\eta_k - m\eta)\,\tfrac12\bigl(1 + \cos(\pi\,
+        \tfrac{s - k}{N - k})\bigr), \qquad s \ge k,
+
+    so the learning rate never jumps; a finished run (``\eta_k = m\eta``) holds the minimum.
+    An extension during the warmup (``k <= w``) keeps the warmup and re-plans the cosine
+    for ``N`` steps (identical to the old schedule before ``k``).
+
+    Args:
+      peak_lr: ``η``.
+      segments: ``[(0, N_0), (k_1, N_1), ...]`` with ``k_i < N_i``.
+      warmup_steps: ``w`` (of the first plan).
+      min_ratio: ``m``.
+
+    Returns:
+      An optax schedule ``count -> lr``; with one segment, :func:`warmup_cosine`.
+
+    Example:
+      >>> s = extended_schedule(1.0, [(0, 100), (100, 200)], warmup_steps=10)
+      >>> float(s(150)) == float(s(100)) == float(warmup_cosine(1.0, 100, 10)(100))
+      True
+    """
+    (_, total), *extensions = segments
+    schedule = warmup_cosine(peak_lr, total, warmup_steps, min_ratio)
+    floor = peak_lr * min_ratio
+    for start, total in extensions:
+        if start <= warmup_steps:
+            schedule = warmup_cosine(peak_lr, total, warmup_steps, min_ratio)
+            continue
+        reached = float(schedule(start))
+
+        def schedule(count, before=schedule, start=start, total=total, reached=reached):
+            count = jnp.asarray(count, jnp.float32)
+            progress = jnp.clip((count - start) / max(total - start, 1), 0, 1)
+            cosine = floor + (reached - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+            return jnp.where(count < start, before(count), cosine)
+
+    return schedule
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy, computed in float32."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
@@ -73,6 +132,17 @@ def _loss_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
     return loss
 
 
+def _finite(*scalars: jax.Array) -> jax.Array:
+    """``True`` when every scalar is finite. Applied to norms: a norm is finite exactly when
+    every element it sums is (short of float overflow), and costs one reduction."""
+    return jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(x, jnp.float32) for x in scalars])))
+
+
+def _select(finite: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``finite``, else ``old`` (leaf by leaf, as ``optax.apply_if_finite``)."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -81,12 +151,16 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     state_sharding: Any = None,
     batch_sharding: jax.sharding.NamedSharding | None = None,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     The gradient's global norm is clipped to ``grad_clip`` (as ``torch.nn.utils.
     clip_grad_norm_``: scaled by ``min(1, c / (‖g‖ + 1e-6))``) before ``tx``, so ``tx``'s state
-    is exactly its own.
+    is exactly its own. A step whose loss, gradients or updates are not all finite is skipped
+    (``skip_nonfinite``): the parameters and the optimizer state stay as they were, as with
+    ``optax.apply_if_finite``, so one bad batch cannot poison Adam's moments; only the step
+    count advances, and ``metrics["skipped"]`` says so.
 
     Args:
       graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
@@ -97,10 +171,15 @@ def make_train_step(
         them, so it compiles once.
       batch_sharding: the batch's sharding (with ``state_sharding``); metrics come back
         replicated on its mesh.
+      skip_nonfinite: skip non-finite steps (``False``: apply them, NaNs and all).
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
-      ``lr`` (float32 scalars).
+      ``lr`` (float32 scalars) and ``skipped`` (a bool scalar).
+
+    Example:
+      >>> step = make_train_step(graphdef, optax.adamw(1e-3), grad_clip=1.0)  # doctest: +SKIP
+      >>> state, metrics = step(state, batch)  # doctest: +SKIP
     """
     loss_fn = _loss_fn(graphdef)
 
@@ -112,8 +191,18 @@ def make_train_step(
             grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite = _finite(loss, grad_norm, optax.tree.norm(updates))
+        if skip_nonfinite:
+            params, opt_state = _select(
+                finite, (params, opt_state), (state.params, state.opt_state)
+            )
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": jnp.asarray(lr, jnp.float32),
+            "skipped": jnp.logical_and(skip_nonfinite, jnp.logical_not(finite)),
+        }
         return TrainState(state.step + 1, params, opt_state), metrics
 
     if state_sharding is None:
