@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from lowrank_jax import sharding
 from lowrank_jax.data import Dataset, IteratorState, build_dataset, make_tokenizer, resolve_source
 from lowrank_jax.models import Llama, get_config
-from lowrank_jax.train.checkpoint import Checkpointer, CheckpointError
+from lowrank_jax.train.checkpoint import Checkpointer, CorruptCheckpointError
 from lowrank_jax.train.config import ConfigError, RunConfig
 from lowrank_jax.train.memory_check import check_step_memory
 from lowrank_jax.train.metrics import warn_line
@@ -159,7 +159,9 @@ def _open_checkpoints(cfg: RunConfig) -> Checkpointer:
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"--out {cfg.out}: cannot create it: {err.strerror}") from None
+        raise ConfigError(
+            f"--out {cfg.out}: cannot create it ({err.strerror}); choose another --out"
+        ) from None
     checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), cfg.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None and not cfg.resume:
@@ -212,18 +214,24 @@ def _rank(cfg: RunConfig, model_config: Any) -> int:
 def _expected_plan(
     cfg: RunConfig, entry: OptimizerEntry, checkpointer: Checkpointer, vocab_size: int
 ) -> SchedulePlan:
-    """The learning-rate plan the latest checkpoint implies (read from its settings only), so
-    the step compiles before anything is restored; a fresh plan without one."""
+    """The learning-rate plan the latest checkpoint implies, read from its settings only (so
+    the step compiles before anything is restored, and an incompatible run stops before it
+    compiles); a fresh plan without one, or when the latest is corrupt (the restore falls back).
+
+    Raises:
+      CheckpointError: the latest checkpoint's settings are not this run's.
+    """
     plan = fresh_plan(cfg, entry.default_lr)
     latest = checkpointer.latest_step()
     if latest is None:
         return plan
     try:
+        checkpointer.verify_files(latest)
         saved = checkpointer.read_meta(latest)
-        now = fingerprint(cfg, vocab_size, plan)
-        return resumed_plan(cfg, now, saved, latest, checkpointer.path(latest), entry.default_lr)
-    except CheckpointError:  # reported by the restore, which may also fall back
+    except CorruptCheckpointError:
         return plan
+    now = fingerprint(cfg, vocab_size, plan)
+    return resumed_plan(cfg, now, saved, latest, checkpointer.path(latest), entry.default_lr)
 
 
 def _optimizer(

@@ -98,14 +98,8 @@ def test_cli_incompatible_and_corrupt_checkpoints(full_run, capsys, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
     code, err = _cli(capsys, *flags, "--out", str(copy), "--resume", "--rank", "4", "--no-progress")
     assert code == 2 and "incompatible run: rank=None (now 4)" in err and "\n" not in err
-    # A garbled latest checkpoint: the run falls back to step 3, with a warning naming step 6,
-    # and ends where the uninterrupted run ended.
-    _garble_step(copy / "checkpoints" / "6")
-    code, err = _cli(capsys, *flags, "--out", str(copy), "--resume", "--no-progress")
-    assert code == 0 and "checkpoints/6" in err and "resuming from step 3" in err
-    assert (copy / "checkpoints" / "6.corrupt").is_dir()
-    assert _losses(str(copy)) == _losses(out)
     # Every checkpoint garbled: one line naming them and what to delete; nothing trained.
+    # (One garbled, the run falls back: test_reliability.py's bit-flip test.)
     _garble_step(copy / "checkpoints" / "3")
     _garble_step(copy / "checkpoints" / "6")
     code, err = _cli(capsys, *flags, "--out", str(copy), "--resume", "--no-progress")
