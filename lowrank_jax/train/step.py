@@ -178,8 +178,14 @@ def make_train_step(
       ``lr`` (float32 scalars) and ``skipped`` (a bool scalar).
 
     Example:
-      >>> step = make_train_step(graphdef, optax.adamw(1e-3), grad_clip=1.0)  # doctest: +SKIP
-      >>> state, metrics = step(state, batch)  # doctest: +SKIP
+      >>> from lowrank_jax.models import Llama, get_config
+      >>> model = Llama(get_config("llama_tiny", vocab_size=40, num_layers=1), rngs=nnx.Rngs(0))
+      >>> params, tx = nnx.to_pure_dict(nnx.state(model, nnx.Param)), optax.adamw(1e-3)
+      >>> step = make_train_step(nnx.graphdef(model), tx, grad_clip=1.0)
+      >>> state = TrainState(jnp.int32(0), params, tx.init(params))
+      >>> state, metrics = step(state, jnp.ones((2, 9), jnp.int32))
+      >>> int(state.step), bool(metrics["skipped"])
+      (1, False)
     """
     loss_fn = _loss_fn(graphdef)
 
