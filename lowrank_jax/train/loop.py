@@ -36,11 +36,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lowrank_jax import sharding
 from lowrank_jax.data import Dataset, IteratorState, build_dataset, make_tokenizer, resolve_source
 from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train.checkpoint import Checkpointer, CorruptCheckpointError
 from lowrank_jax.train.config import ConfigError, RunConfig
+from lowrank_jax.train.devices import init_distributed, make_run_mesh, state_shardings
 from lowrank_jax.train.memory_check import check_step_memory
 from lowrank_jax.train.metrics import warn_line
 from lowrank_jax.train.registry import OptimizerArgs, OptimizerEntry, get_optimizer
@@ -75,13 +75,13 @@ def train(
     """
     cfg.validate()
     check_out(cfg.out)
-    _init_distributed(cfg)
+    init_distributed(cfg)
     primary = jax.process_index() == 0
     if not primary:
         log = warn = lambda line: None  # noqa: E731 -- process 0 reports
     entry = get_optimizer(cfg.optimizer)
     get_config(cfg.model)  # an unknown model fails before the data is read
-    mesh = _make_mesh(cfg)  # and so does a mesh that does not fit the devices
+    mesh = make_run_mesh(cfg)  # and so does a mesh that does not fit the devices
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         return _train(cfg, entry, mesh, primary, log, warn)
 
@@ -277,7 +277,7 @@ class _Setup:
         abstract = jax.eval_shape(init)
         if mesh is None:
             return cls(graphdef, init, abstract, None, None, None)
-        state_sharding = _shardings(tx, abstract, model_config, mesh)
+        state_sharding = state_shardings(tx, abstract, model_config, mesh)
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract,
@@ -346,65 +346,3 @@ def _restore_or_init(
             "train further"
         )
     return state, position, plan, checkpointer.path(step)
-
-
-def _init_distributed(cfg: RunConfig) -> None:
-    """``jax.distributed.initialize`` for ``--distributed`` / ``--coordinator`` (once).
-
-    On the CPU, cross-process collectives go through gloo (JAX's CPU default has none).
-    """
-    initialized = getattr(jax.distributed, "is_initialized", lambda: False)  # newer JAX only
-    if not (cfg.distributed or cfg.coordinator) or initialized():
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    given = {
-        "coordinator_address": cfg.coordinator,
-        "num_processes": cfg.num_processes,
-        "process_id": cfg.process_id,
-    }
-    try:
-        jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
-    except (RuntimeError, ValueError) as err:
-        raise TrainError(
-            f"jax.distributed.initialize failed: {str(err).strip().splitlines()[0][:300]} "
-            "(check --coordinator, --num-processes and --process-id, and that every process "
-            "was started)"
-        ) from None
-
-
-def _make_mesh(cfg: RunConfig) -> jax.sharding.Mesh | None:
-    """The run's ``fsdp x tensor`` mesh over every process's devices (``None``: one device)."""
-    shape = cfg.mesh_shape
-    if shape is None and jax.process_count() == 1:
-        return None
-    fsdp, tensor = shape or (None, 1)
-    try:
-        mesh = sharding.make_mesh(fsdp, tensor, explicit=False)
-    except ValueError as err:
-        raise ConfigError(f"--mesh {cfg.mesh}: {err}") from None
-    if cfg.batch_size % mesh.shape["fsdp"]:
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} must be divisible by the mesh's fsdp size "
-            f"{mesh.shape['fsdp']} (each device takes an equal share of the batch)"
-        )
-    return mesh
-
-
-def _shardings(tx: Any, abstract: TrainState, model_config: Any, mesh: Any) -> TrainState:
-    """A ``NamedSharding`` per leaf of the train state: LLaMA's partition rules for the
-    parameters, :func:`lowrank_jax.sharding.state_specs` for the optimizer state."""
-    model = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
-    param_specs = sharding.llama_param_specs(nnx.state(model, nnx.Param))
-    treedef = jax.tree.structure(abstract.params)
-    param_specs = treedef.unflatten(
-        [
-            sharding.fit_spec(leaf.shape, spec, mesh)
-            for leaf, spec in zip(
-                treedef.flatten_up_to(abstract.params), treedef.flatten_up_to(param_specs)
-            )
-        ]
-    )
-    specs = TrainState(
-        P(), param_specs, sharding.state_specs(tx, abstract.params, param_specs, mesh)
-    )
-    return sharding.named(specs, mesh)
