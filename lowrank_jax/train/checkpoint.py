@@ -21,8 +21,10 @@ Restoring goes against an abstract target from ``jax.eval_shape``, so optax Name
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +34,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from lowrank_jax.data.packing import IteratorState
-from lowrank_jax.train.integrity import tree_checksums, verify_file_listing, write_file_listing
+from lowrank_jax.train.integrity import (
+    FILES,
+    tree_checksums,
+    verify_file_listing,
+    write_file_listing,
+)
 
 __all__ = ["CheckpointError", "Checkpointer", "CorruptCheckpointError"]
 
@@ -46,7 +53,16 @@ class CorruptCheckpointError(CheckpointError):
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    """The first line of the root cause of ``err`` (orbax wraps TensorStore's message in an
+    exception whose text is a repr of the whole TensorStore spec), at most 300 characters."""
+    seen = [err]
+    while (cause := seen[-1].__cause__ or seen[-1].__context__) is not None and cause not in seen:
+        seen.append(cause)
+    for candidate in reversed(seen):
+        text = str(candidate).strip()
+        if text and "See full TensorStore details" not in text:
+            return text.splitlines()[0][:300]
+    text = str(err).strip().split(" See full TensorStore details")[0]
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
@@ -99,8 +115,13 @@ class Checkpointer:
             write_file_listing(self.path(step))
         return self.path(step)
 
-    def verify_files(self, step: int) -> None:
-        """Checks the step's files against its ``files.json`` (if it has one).
+    def verify_files(self, step: int) -> bool:
+        """Checks the step's files against its ``files.json``.
+
+        Returns:
+          Whether there was a listing to check against (a step saved by a process killed
+          before writing it has none; its arrays are still checked against their checksums
+          when restored).
 
         Raises:
           CorruptCheckpointError: a missing, truncated or altered file (named).
@@ -108,22 +129,20 @@ class Checkpointer:
         problem = verify_file_listing(self.path(step))
         if problem:
             raise self._corrupt(step, problem)
+        return os.path.exists(os.path.join(self.path(step), FILES))
 
     def _corrupt(self, step: int, why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"checkpoint {self.path(step)} cannot be restored: {why}")
 
     def _record(self, step: int) -> dict:
-        try:
-            with _quiet():
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-                )
-            record = dict(restored["meta"])
-        except Exception as err:  # noqa: BLE001
+        restored, problem = _read_quietly(
+            self._manager, step, ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )
+        if problem is not None:
             raise CorruptCheckpointError(
-                f"checkpoint {self.path(step)} is unreadable (corrupt or not ours): "
-                f"{_first_line(err)}"
-            ) from None
+                f"checkpoint {self.path(step)} is unreadable (corrupt or not ours): {problem}"
+            )
+        record = dict(restored["meta"])
         if not isinstance(record.get("settings"), dict) or "checksums" not in record:
             raise CorruptCheckpointError(
                 f"checkpoint {self.path(step)} has no settings and checksums in its meta "
@@ -179,16 +198,15 @@ class Checkpointer:
             ),
             target,
         )
-        try:
-            with _quiet():
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-                )["state"]
-        except Exception as err:  # noqa: BLE001
+        restored, problem = _read_quietly(
+            self._manager, step, ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        if problem is not None:
             raise CorruptCheckpointError(
                 f"checkpoint {self.path(step)} cannot be restored (corrupt or incompatible): "
-                f"{_first_line(err)}"
-            ) from None
+                f"{problem}"
+            )
+        restored = restored["state"]
         sums = tree_checksums(restored)
         bad = [k for k, v in record["checksums"].items() if sums.get(k) != v]
         if bad or set(sums) != set(record["checksums"]):
@@ -274,19 +292,33 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-class _quiet:
-    """Silences orbax's and asyncio's loggers while a read fails (we report one line)."""
+def _read_quietly(manager: Any, step: int, args: Any) -> tuple[Any, str | None]:
+    """``(manager.restore(step, args), None)``, or ``(None, first line of the error)``.
 
-    NAMES = ("asyncio", "absl", "orbax", "orbax.checkpoint")
-
-    def __enter__(self) -> None:
-        self._levels = {name: logging.getLogger(name).level for name in self.NAMES}
-        for name in self.NAMES:
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, level in self._levels.items():
+    A failed read leaves orbax's loggers, asyncio's ("Future exception was never retrieved")
+    and the interpreter's unraisable-exception hook (coroutines finalised with an error) with
+    pages of TensorStore specs and tracebacks; we report one line, so they are silenced while
+    the read runs and while its leftovers are collected.
+    """
+    names = ("asyncio", "absl", "orbax", "orbax.checkpoint")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    problem = None
+    try:
+        return manager.restore(step, args=args), None
+    except Exception as err:  # noqa: BLE001 -- any failure of a read is one line
+        problem = _first_line(err)
+    finally:
+        if problem is not None:
+            hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+            try:
+                gc.collect()
+            finally:
+                sys.unraisablehook = hook
+        for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+    return None, problem
 
 
 def _data_tree(data: IteratorState) -> dict:

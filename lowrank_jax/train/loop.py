@@ -215,23 +215,36 @@ def _expected_plan(
     cfg: RunConfig, entry: OptimizerEntry, checkpointer: Checkpointer, vocab_size: int
 ) -> SchedulePlan:
     """The learning-rate plan the latest checkpoint implies, read from its settings only (so
-    the step compiles before anything is restored, and an incompatible run stops before it
-    compiles); a fresh plan without one, or when the latest is corrupt (the restore falls back).
+    the step compiles before anything is restored, and an incompatible or finished run stops
+    before it compiles); a fresh plan without one, or when the latest is corrupt (the restore
+    falls back).
 
     Raises:
       CheckpointError: the latest checkpoint's settings are not this run's.
+      TrainError: the latest checkpoint is at ``--stop-at`` / ``--steps`` already.
     """
     plan = fresh_plan(cfg, entry.default_lr)
     latest = checkpointer.latest_step()
     if latest is None:
         return plan
     try:
-        checkpointer.verify_files(latest)
+        verified = checkpointer.verify_files(latest)
         saved = checkpointer.read_meta(latest)
     except CorruptCheckpointError:
         return plan
     now = fingerprint(cfg, vocab_size, plan)
-    return resumed_plan(cfg, now, saved, latest, checkpointer.path(latest), entry.default_lr)
+    plan = resumed_plan(cfg, now, saved, latest, checkpointer.path(latest), entry.default_lr)
+    if verified:  # its arrays are as written: it will restore (else the restore decides)
+        _check_not_finished(cfg, latest)
+    return plan
+
+
+def _check_not_finished(cfg: RunConfig, step: int) -> None:
+    if step >= (cfg.stop_at or cfg.steps):
+        raise TrainError(
+            f"the run in {cfg.out} is already at step {step}; raise --steps (with --extend) to "
+            "train further"
+        )
 
 
 def _optimizer(
@@ -338,11 +351,6 @@ def _restore_or_init(
         return state, IteratorState(0, 0), fresh_plan(cfg, entry.default_lr), None
     step, state, position, saved = found
     plan = resumed_plan(cfg, now, saved, step, checkpointer.path(step), entry.default_lr)
+    _check_not_finished(cfg, step)
     log(f"resuming from {checkpointer.path(step)} (step {step})")
-    end = cfg.stop_at or cfg.steps
-    if step >= end:
-        raise TrainError(
-            f"the run in {cfg.out} is already at step {step}; raise --steps (with --extend) to "
-            "train further"
-        )
     return state, position, plan, checkpointer.path(step)
