@@ -9,7 +9,11 @@ the train/validation split built from them are deterministic. ``resolve_source``
 * ``"tfds:NAME[:SPLIT]"``, e.g. ``tfds:tiny_shakespeare`` or ``tfds:lm1b:train[:1%]``: a
   TensorFlow Datasets text dataset (the ``data`` extra; read with ``tfds.data_source``, no
   TensorFlow needed; the dataset must be prepared or downloadable by TFDS);
-* anything else: a file, a directory (its ``*.txt`` files) or a glob pattern.
+* anything else: a file, a directory (its ``*.txt`` files, recursively) or a glob pattern
+  (``'corpus/**/*.py'`` reads other extensions).
+
+Files must be UTF-8 text: a file with a NUL byte (binary data) or invalid UTF-8 is refused with
+its path, never trained on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from importlib import resources
 __all__ = ["DataError", "embedded_corpus", "file_documents", "resolve_source", "tfds_documents"]
 
 EMBEDDED_NAMES = ("kjv", "embedded")
+#: what a ``--data`` directory contributes (a glob reads anything)
+DIRECTORY_EXTENSIONS = (".txt",)
 
 
 class DataError(ValueError):
@@ -37,25 +43,53 @@ def embedded_corpus() -> str:
 def file_documents(pattern: str) -> list[str]:
     """The text of every file that ``pattern`` names (a file, a directory or a glob), sorted.
 
+    A directory contributes its ``*.txt`` files (:data:`DIRECTORY_EXTENSIONS`, recursively);
+    a glob any file it matches.
+
     Raises:
-      DataError: nothing matches, or a file is not UTF-8 text.
+      DataError: nothing matches (a directory without text files says which extensions are
+        read), or a file is binary (a NUL byte) or not UTF-8.
     """
     if os.path.isdir(pattern):
-        paths = sorted(glob.glob(os.path.join(pattern, "**", "*.txt"), recursive=True))
+        paths = sorted(
+            path
+            for ext in DIRECTORY_EXTENSIONS
+            for path in glob.glob(os.path.join(pattern, "**", f"*{ext}"), recursive=True)
+            if os.path.isfile(path)
+        )
+        if not paths:
+            reads = ", ".join(f"*{ext}" for ext in DIRECTORY_EXTENSIONS)
+            raise DataError(
+                f"--data {pattern!r}: the directory has no {reads} files (a directory is read "
+                f"for those, recursively); give a glob for other files, e.g. "
+                f"'{os.path.join(pattern, '**', '*.py')}'"
+            )
     elif os.path.isfile(pattern):
         paths = [pattern]
     else:
         paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise DataError(f"--data {pattern!r}: no such file, directory or matching files")
-    documents = []
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                documents.append(f.read())
-        except UnicodeDecodeError as err:
-            raise DataError(f"--data: {path} is not UTF-8 text ({err.reason})") from None
-    return documents
+    return [_read_text(path) for path in paths]
+
+
+def _read_text(path: str) -> str:
+    """``path`` as UTF-8 text; binary data and invalid UTF-8 are refused."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"--data: {path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(
+            f"--data: {path} is not a text file (a NUL byte at offset {nul}: binary data); "
+            "remove it or narrow --data to text files"
+        )
+    return text
 
 
 def tfds_documents(

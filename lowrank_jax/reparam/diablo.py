@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.reparam.method import Method, f32, register
+from lowrank_jax.reparam.method import Method, check_rate, f32, positive_int, register
 from lowrank_jax.reparam.wrapper import Reparam
 
 __all__ = ["DiaBlo", "diablo"]
@@ -80,4 +80,6 @@ def diablo(
 
     Reference: https://arxiv.org/abs/2506.03230.
     """
+    positive_int("diablo", "blocks", blocks)
+    check_rate("diablo", "dropout", dropout)
     return Reparam(DiaBlo(blocks=blocks, dropout=dropout), targets, dims, (), dtype)

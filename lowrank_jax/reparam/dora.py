@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.reparam.lora import LoRA
+from lowrank_jax.reparam.lora import LoRA, check_lora_args
 from lowrank_jax.reparam.method import f32, register
 from lowrank_jax.reparam.wrapper import Reparam, overrides_from_patterns
 
@@ -106,6 +106,7 @@ def dora(
 
     Reference: Liu et al., ICML 2024, https://arxiv.org/abs/2402.09353.
     """
+    check_lora_args("dora", rank, alpha, dropout, rank_pattern)
     method = DoRA(
         rank=rank,
         alpha=float(rank if alpha is None else alpha),

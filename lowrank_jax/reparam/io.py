@@ -53,6 +53,30 @@ def write_atomic(target: str, data: bytes) -> None:
         raise
 
 
+def read_json(path: str, what: str) -> dict:
+    """The JSON object in ``path``; a missing, unreadable or cut-short file is one
+    ``ValueError`` naming the file and where it breaks.
+
+    Args:
+      path: the file.
+      what: how to fix it, for the message (e.g. ``"save the adapter again"``).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"'{path}' does not exist; {what}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f"line {err.lineno} column {err.colno}: " if hasattr(err, "lineno") else ""
+        reason = err.msg if hasattr(err, "msg") else err.reason
+        raise ValueError(
+            f"'{path}' is not valid JSON ({where}{reason}; truncated or corrupt?); {what}."
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"'{path}' holds a JSON {type(config).__name__}, not an object; {what}.")
+    return config
+
+
 def _key(group: str, path: str, name: str) -> str:
     return f"{group}::{path}::{name}"
 
@@ -125,8 +149,7 @@ def load(path: str, params: Any = None) -> Adapters:
     config_file, tensor_file = os.path.join(path, CONFIG), os.path.join(path, TENSORS)
     if not (os.path.isfile(config_file) and os.path.isfile(tensor_file)):
         raise ValueError(f"no adapter at '{path}': expected {CONFIG} and {TENSORS} there.")
-    with open(config_file) as f:
-        config = json.load(f)
+    config = read_json(config_file, "save the adapter again")
     if config.get("format") != FORMAT:
         hint = " (a PEFT adapter: use reparam.from_peft)" if "peft_type" in config else ""
         raise ValueError(f"'{config_file}' is not a lowrank_jax adapter config{hint}.")

@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -26,7 +27,15 @@ import numpy as np
 
 from lowrank_jax.reparam import inits
 from lowrank_jax.reparam.core import Adapters
-from lowrank_jax.reparam.method import Method, f32, kaiming_uniform, normal, register
+from lowrank_jax.reparam.method import (
+    Method,
+    check_rate,
+    f32,
+    kaiming_uniform,
+    normal,
+    positive_int,
+    register,
+)
 from lowrank_jax.reparam.wrapper import Reparam, overrides_from_patterns
 
 __all__ = ["LoRA", "eva", "ffa_lora", "lora", "loraga", "olora", "pissa", "to_base_lora"]
@@ -58,6 +67,7 @@ class LoRA(Method):
     eva_adjust_alpha: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if _init_name(self.init_weights) not in _INITS:
             raise ValueError(
                 f"LoRA init must be one of {_INITS} or 'pissa_niter_K'; got {self.init_weights!r}."
@@ -185,6 +195,7 @@ def lora(
     References:
       Hu et al., 2021, https://arxiv.org/abs/2106.09685.
     """
+    check_lora_args(_init_name(init), rank, alpha, dropout, rank_pattern)
     method = LoRA(
         rank=rank,
         alpha=float(rank if alpha is None else alpha),
@@ -196,6 +207,29 @@ def lora(
     )
     overrides = overrides_from_patterns(rank=rank_pattern, alpha=alpha_pattern)
     return Reparam(method, targets, dims, overrides, dtype)
+
+
+def check_lora_args(
+    method: str,
+    rank: Any,
+    alpha: Any,
+    dropout: Any,
+    rank_pattern: dict[str, Any] | None,
+) -> None:
+    """The arguments every LoRA-shaped constructor shares, checked when it is called (not at
+    ``init``): ``rank`` an integer >= 1 (so are ``rank_pattern``'s values), ``alpha`` a number,
+    ``dropout`` in ``[0, 1)``.
+
+    Raises:
+      TypeError, ValueError: one line naming the argument.
+    """
+    method = "lora" if method in ("kaiming", "gaussian") else method
+    positive_int(method, "rank", rank)
+    for pattern, value in (rank_pattern or {}).items():
+        positive_int(method, f"rank_pattern[{pattern!r}]", value)
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
+        raise TypeError(f"{method}: alpha must be a number, got {alpha!r}")
+    check_rate(method, "dropout", dropout)
 
 
 def pissa(rank: int = 8, alpha: float | None = None, *, niter: int | None = None, **kw) -> Reparam:

@@ -16,6 +16,7 @@ with :func:`register`, in its own file.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -23,7 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Method", "f32", "kaiming_uniform", "method_class", "normal", "register", "uniform"]
+__all__ = [
+    "Method",
+    "check_rate",
+    "f32",
+    "kaiming_uniform",
+    "method_class",
+    "normal",
+    "positive_int",
+    "register",
+    "uniform",
+]
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -39,6 +50,37 @@ def method_class(name: str) -> type[Method]:
     if name not in _METHODS:
         raise ValueError(f"unknown reparameterization method {name!r}; known: {sorted(_METHODS)}")
     return _METHODS[name]
+
+
+def positive_int(method: str, name: str, value: Any) -> int:
+    """``value`` when it is an integer ``>= 1``; else a one-line error naming the argument.
+
+    Raises:
+      TypeError: not an integer (``rank=4.0``).
+      ValueError: smaller than 1 (``rank=0``).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{method}: {name} must be an integer >= 1, got {value!r} ({type(value).__name__})"
+        )
+    if value < 1:
+        raise ValueError(f"{method}: {name} must be an integer >= 1, got {value}")
+    return int(value)
+
+
+def check_rate(method: str, name: str, value: Any) -> float:
+    """``value`` when it is a number in ``[0, 1)`` (a dropout rate); else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{method}: {name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+_FIELD_TYPES = {
+    "int": (numbers.Integral,),
+    "float": (numbers.Real,),
+    "bool": (bool, np.bool_),
+    "str": (str,),
+}
 
 
 def f32(x: jax.Array) -> jax.Array:
@@ -95,6 +137,22 @@ class Method:
     #: ``True`` when ``Δ`` depends on ``W`` beyond a column scale (WeGeFT's ``GW``, Hydra's
     #: ``WS``, MiSS-bat): :func:`~lowrank_jax.reparam.unmerge` then calls :meth:`invert`.
     weight_dependent: ClassVar[bool] = False
+
+    def __post_init__(self):
+        """Checks each hyperparameter against its annotation (``rank: int`` refuses 4.0)."""
+        for field in dataclasses.fields(self):
+            kind = str(field.type).replace(" ", "")
+            optional = kind.endswith("|None")
+            kinds = _FIELD_TYPES.get(kind.removesuffix("|None"))
+            value = getattr(self, field.name)
+            if kinds is None or (optional and value is None):
+                continue
+            wrong_bool = isinstance(value, bool) and bool not in kinds
+            if wrong_bool or not isinstance(value, kinds):
+                raise TypeError(
+                    f"{type(self).__name__}: {field.name} must be {kind.removesuffix('|None')}"
+                    f"{' or None' if optional else ''}, got {value!r} ({type(value).__name__})"
+                )
 
     def check(self, path: str, shape: tuple[int, ...]) -> None:
         """Raises ``ValueError`` (naming ``path`` and the fix) if the method cannot adapt it."""

@@ -26,7 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax.reparam.method import Method, f32, kaiming_uniform, register, uniform
+from lowrank_jax.reparam.method import (
+    Method,
+    check_rate,
+    f32,
+    kaiming_uniform,
+    positive_int,
+    register,
+    uniform,
+)
 from lowrank_jax.reparam.wrapper import Reparam
 
 __all__ = ["NOLA", "nola"]
@@ -118,6 +126,9 @@ def nola(
 
     Reference: Koohpayegani et al., ICLR 2024, https://arxiv.org/abs/2310.02556.
     """
+    for name, value in (("rank", rank), ("num_a", num_a), ("num_b", num_b)):
+        positive_int("nola", name, value)
+    check_rate("nola", "dropout", dropout)
     method = NOLA(
         rank=rank,
         alpha=float(rank if alpha is None else alpha),

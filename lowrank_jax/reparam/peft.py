@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from lowrank_jax.reparam.core import Adapters, Site, _contributions
 from lowrank_jax.reparam.dora import DoRA
-from lowrank_jax.reparam.io import write_atomic
+from lowrank_jax.reparam.io import read_json, write_atomic
 from lowrank_jax.reparam.lora import _RESIDUAL, LoRA, _init_name
 from lowrank_jax.targets import MatrixDims, path_str
 
@@ -164,8 +164,9 @@ def from_peft(
       Adapters whose sites are the leaves named by the file; a module that matches no leaf, or
       a shape that does not fit, is a ``ValueError``.
     """
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = json.load(f)
+    config = read_json(
+        os.path.join(path, "adapter_config.json"), "export the adapter again with PEFT"
+    )
     if config.get("peft_type") != "LORA":
         kind = config.get("peft_type")
         raise ValueError(f"'{path}' is a {kind} adapter; only LORA (and DoRA) is supported.")

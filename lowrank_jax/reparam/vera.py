@@ -24,7 +24,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.reparam.method import Method, f32, kaiming_uniform, register
+from lowrank_jax.reparam.method import (
+    Method,
+    check_rate,
+    f32,
+    kaiming_uniform,
+    positive_int,
+    register,
+)
 from lowrank_jax.reparam.wrapper import Reparam
 
 __all__ = ["VeRA", "vera"]
@@ -106,5 +113,7 @@ def vera(
 
     Reference: Kopiczko et al., ICLR 2024, https://arxiv.org/abs/2310.11454.
     """
+    positive_int("vera", "rank", rank)
+    check_rate("vera", "dropout", dropout)
     method = VeRA(rank=rank, d_initial=d_initial, seed=seed, dropout=dropout)
     return Reparam(method, targets, dims, (), dtype)

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.reparam.method import Method, f32, normal, register
+from lowrank_jax.reparam.method import Method, check_rate, f32, normal, positive_int, register
 from lowrank_jax.reparam.wrapper import Reparam
 
 __all__ = ["LoRASB", "LoRAXS", "lora_sb", "lora_xs"]
@@ -88,6 +88,7 @@ class LoRASB(LoRAXS):
     calibration = "gradients"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.update not in ("sign", "sgd"):
             raise ValueError(f"LoRA-SB update must be 'sign' or 'sgd', got {self.update!r}.")
 
@@ -133,6 +134,8 @@ def lora_xs(
 
     Reference: Bałazy et al., 2024, https://arxiv.org/abs/2405.17604.
     """
+    positive_int("lora_xs", "rank", rank)
+    check_rate("lora_xs", "dropout", dropout)
     method = LoRAXS(rank=rank, alpha=alpha, dropout=dropout, core_init_std=core_init_std)
     return Reparam(method, targets, dims, (), dtype)
 
@@ -160,5 +163,7 @@ def lora_sb(
 
     Reference: Ponkshe et al., 2024, https://arxiv.org/abs/2411.19557.
     """
+    positive_int("lora_sb", "rank", rank)
+    check_rate("lora_sb", "dropout", dropout)
     method = LoRASB(rank=rank, dropout=dropout, lr=lr, update=update, residual_init=residual)
     return Reparam(method, targets, dims, (), dtype)

@@ -12,53 +12,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import sys
 from collections.abc import Sequence
 
-from lowrank_jax.train.config import ConfigError, RunConfig, load_config_file
+from lowrank_jax.train.config import (
+    ConfigError,
+    RunConfig,
+    field_kinds,
+    flag_name,
+    load_config_file,
+)
 
 __all__ = ["build_parser", "main"]
-
-# flag -> (type, help); the dest is the RunConfig field of the same name.
-_FLAGS = {
-    "model": (str, "model config: llama_tiny, llama_20m, llama_60m, ... llama_7b"),
-    "optimizer": (str, "optimizer name (see `lowrank-jax optimizers`)"),
-    "rank": (int, "projection rank (default: hidden_size // 4)"),
-    "update_proj_gap": (int, "steps between projector refreshes"),
-    "galore_scale": (float, "GaLore's alpha"),
-    "lr": (float, "peak learning rate (default: the optimizer's, e.g. 0.01 galore, 1e-3 adamw)"),
-    "min_lr_ratio": (float, "final lr as a fraction of the peak"),
-    "warmup": (int, "warmup steps (default: 10%% of --steps)"),
-    "weight_decay": (float, "decoupled weight decay"),
-    "grad_clip": (float, "clip the gradient's global norm (0: off)"),
-    "steps": (int, "optimizer steps"),
-    "batch_size": (int, "sequences per step"),
-    "seq_len": (int, "tokens per sequence"),
-    "seed": (int, "seed of the model, the data order and the optimizer"),
-    "data": (str, "text file, directory or glob, or tfds:NAME[:SPLIT] (default: embedded KJV)"),
-    "tokenizer": (str, "byte (default) or bpe (trained locally; needs `tokenizers`)"),
-    "bpe_vocab_size": (int, "vocabulary size of the bpe tokenizer"),
-    "val_fraction": (float, "share of sequences held out for validation"),
-    "out": (str, "output directory: metrics.jsonl, checkpoints/, config.json"),
-    "eval_every": (int, "evaluate every N steps (and at the end)"),
-    "eval_batches": (int, "validation batches per evaluation"),
-    "checkpoint_every": (int, "checkpoint every N steps (and at the end)"),
-    "keep_checkpoints": (int, "how many checkpoints to keep"),
-    "log_every": (int, "write a metrics line every N steps"),
-    "dtype": (str, "computation dtype: float32 or bfloat16"),
-    "param_dtype": (str, "parameter dtype: float32 or bfloat16"),
-    "stop_at": (int, "stop after this step as if preempted (to try --resume)"),
-    "mesh": (str, "shard over a FSDPxTP device mesh, e.g. 4x2, or auto (all devices on fsdp)"),
-    "coordinator": (str, "multi-process: HOST:PORT of process 0 (jax.distributed.initialize)"),
-    "num_processes": (int, "multi-process: how many processes"),
-    "process_id": (int, "multi-process: this process's index"),
-}
-_SWITCHES = {
-    "resume": "continue from the latest checkpoint in --out",
-    "scan_layers": "stack the layers and run them with lax.scan",
-    "remat": "rematerialise layer activations in the backward pass",
-    "distributed": "call jax.distributed.initialize (multi-process; cluster auto-detection)",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,23 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     train.add_argument("--config", help="TOML or YAML file of settings (keys as the flags)")
-    for name, (kind, text) in _FLAGS.items():
-        default = getattr(RunConfig, name)
-        suffix = f" [{default}]" if default is not None else ""
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text + suffix)
-    for name, text in _SWITCHES.items():
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", help=text)
-    train.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar"
-    )
-    train.add_argument(
-        "--opt",
-        dest="optimizer_options",
-        action="append",
-        type=_option,
-        metavar="KEY=VALUE",
-        help="extra optimizer argument, e.g. --opt basis=randomized (repeatable)",
-    )
+    kinds = field_kinds()
+    for field in dataclasses.fields(RunConfig):
+        name, text = field.name, field.metadata["help"].replace("%", "%%")
+        kind, _ = kinds[name]
+        if kind is dict:  # --opt KEY=VALUE, repeatable
+            train.add_argument(
+                flag_name(name), dest=name, action="append", type=_option, metavar="KEY=VALUE",
+                help=text,
+            )  # fmt: skip
+        elif kind is bool and field.default:  # on by default: --no-NAME turns it off
+            flag = f"--no-{name.replace('_', '-')}"
+            train.add_argument(flag, dest=name, action="store_false", help=f"{flag}: not {text}")
+        elif kind is bool:
+            train.add_argument(flag_name(name), dest=name, action="store_true", help=text)
+        else:
+            suffix = f" [{field.default}]" if field.default is not None else ""
+            train.add_argument(flag_name(name), dest=name, type=kind, help=text + suffix)
     commands.add_parser("optimizers", help="list the registered optimizers")
     return parser
 

@@ -295,13 +295,17 @@ def layerwise_step(
     *,
     grad_clip: float = 0.0,
     recompute: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[Any, Any, jax.Array, jax.Array]:
     """One layer-wise step; returns ``(params, opt_state, loss, grad_norm)``.
 
     ``grad_clip`` clips each layer's gradient, and the other leaves' gradient, to that norm
     separately (per-layer clipping); ``grad_norm`` is the true global norm before clipping.
     ``recompute`` re-runs each layer's forward in the backward walk instead of keeping its
-    residuals (the ``remat`` trade).
+    residuals (the ``remat`` trade). With ``skip_nonfinite`` a layer whose gradient is not
+    finite is left as it was (parameters and optimizer state), and so are the other leaves when
+    theirs is not: the layers before it in the backward walk have been updated already, so
+    unlike the ordinary step's skip this one is per layer.
     """
     n_layers = split.n_layers
     layer_part, rest_part = partition_params(params)
@@ -376,6 +380,8 @@ def layerwise_step(
         # arithmetic (which reads the moments) is fused into the in-place write of the
         # parameters, and XLA then copies every stacked buffer to keep the writes safe.
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        if not skip_nonfinite:
+            finite = jnp.bool_(True)
         new_matrices, new_state = jax.lax.cond(finite, apply, lambda: (matrices, old_state))
         stacked = jax.tree.map(
             lambda s, p: jax.lax.dynamic_update_index_in_dim(s, p.astype(s.dtype), index, 0),
@@ -408,8 +414,17 @@ def layerwise_step(
         leaves[i] = row.reshape(np.shape(state_leaves[i])).astype(state_leaves[i].dtype)
     for i, value in shared.items():  # shared leaves (counters): as the layers left them,
         leaves[i] = value  # unless the other leaves' update writes them too
-    updates, new_rest_state = tx.update(rest_grads, rest_state(split, state_leaves), rest_part)
-    rest_part = optax.apply_updates(rest_part, updates)
+    old_rest_state = rest_state(split, state_leaves)
+    updates, new_rest_state = tx.update(rest_grads, old_rest_state, rest_part)
+    new_rest_part = optax.apply_updates(rest_part, updates)
+    if skip_nonfinite:
+        finite = jnp.isfinite(rest_norm)
+        new_rest_part, new_rest_state = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o),
+            (new_rest_part, new_rest_state),
+            (rest_part, old_rest_state),
+        )
+    rest_part = new_rest_part
     leaves = scatter_rest_state(split, leaves, new_rest_state)
     params = merge_params({LAYERS: stacked}, rest_part)
     grad_norm = jnp.sqrt(layer_sq + jnp.square(rest_norm))

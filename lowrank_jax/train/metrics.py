@@ -1,10 +1,11 @@
 """Metrics as JSON lines, peak-memory measurement, and the progress bar.
 
 ``metrics.jsonl`` has one JSON object per line: training lines (``step``, ``loss``,
-``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``), evaluation lines (``step``, ``val_loss``,
-``val_ppl``) and a final ``summary`` line. Every line is flushed when written; on resume the
-lines after the restored step (and any line cut short by a kill) are dropped, so the file reads
-as if the run had never stopped.
+``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``epoch``, ``skipped_steps``; a skipped
+non-finite step has ``"skipped": true`` and ``null`` for what was not finite), evaluation lines
+(``step``, ``val_loss``, ``val_ppl``) and a final ``summary`` line. Every line is flushed when
+written; on resume the lines after the restored step (and any line cut short by a kill) are
+dropped, so the file reads as if the run had never stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["MetricsWriter", "peak_memory", "peak_rss", "progress_bar"]
+__all__ = ["MetricsWriter", "peak_memory", "peak_rss", "progress_bar", "warn_line"]
 
 
 class MetricsWriter:
@@ -31,6 +32,7 @@ class MetricsWriter:
 
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
+        self.resumed_records: list[dict[str, Any]] = []
         kept = []
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
@@ -41,6 +43,7 @@ class MetricsWriter:
                         continue
                     if not record.get("summary") and record.get("step", 0) <= resume_step:
                         kept.append(json.dumps(record) + "\n")
+                        self.resumed_records.append(record)
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
@@ -53,7 +56,7 @@ class MetricsWriter:
         self._file.flush()
 
     def close(self) -> None:
-        """Closes the file."""
+        """Closes the file (again: nothing)."""
         self._file.close()
 
 
@@ -103,3 +106,10 @@ def progress_bar(total: int, initial: int, enabled: bool) -> Any:
         file=sys.stderr,
         leave=True,
     )
+
+
+def warn_line(line: str) -> None:
+    """Prints ``lowrank-jax: warning: LINE`` on stderr, above a progress bar if one is shown."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"lowrank-jax: warning: {line}", file=sys.stderr)

@@ -8,7 +8,7 @@ restores with their types.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +18,14 @@ from flax import nnx
 
 from lowrank_jax.train import layerwise
 
-__all__ = ["TrainState", "cross_entropy", "make_eval_step", "make_train_step", "warmup_cosine"]
+__all__ = [
+    "TrainState",
+    "cross_entropy",
+    "extended_schedule",
+    "make_eval_step",
+    "make_train_step",
+    "warmup_cosine",
+]
 
 
 class TrainState(NamedTuple):
@@ -61,6 +68,58 @@ def warmup_cosine(
     return schedule
 
 
+def extended_schedule(
+    peak_lr: float,
+    segments: Sequence[tuple[int, int]],
+    warmup_steps: int,
+    min_ratio: float = 0.1,
+) -> optax.Schedule:
+    r""":func:`warmup_cosine` planned for ``segments[0] = (0, N_0)``, then extended.
+
+    Each later segment ``(k, N)`` (a run resumed at update ``k`` with ``--extend`` to ``N``
+    steps) keeps the schedule before ``k`` and, from ``k`` on, continues the cosine from the
+    learning rate it had reached down to the minimum at ``N``:
+
+    .. math::
+        \eta_s = m\eta + (\eta_k - m\eta)\,\tfrac12\bigl(1 + \cos(\pi\,
+        \tfrac{s - k}{N - k})\bigr), \qquad s \ge k,
+
+    so the learning rate never jumps; a finished run (``\eta_k = m\eta``) holds the minimum.
+    An extension during the warmup (``k <= w``) keeps the warmup and re-plans the cosine
+    for ``N`` steps (identical to the old schedule before ``k``).
+
+    Args:
+      peak_lr: ``η``.
+      segments: ``[(0, N_0), (k_1, N_1), ...]`` with ``k_i < N_i``.
+      warmup_steps: ``w`` (of the first plan).
+      min_ratio: ``m``.
+
+    Returns:
+      An optax schedule ``count -> lr``; with one segment, :func:`warmup_cosine`.
+
+    Example:
+      >>> s = extended_schedule(1.0, [(0, 100), (100, 200)], warmup_steps=10)
+      >>> float(s(150)) == float(s(100)) == float(warmup_cosine(1.0, 100, 10)(100))
+      True
+    """
+    (_, total), *extensions = segments
+    schedule = warmup_cosine(peak_lr, total, warmup_steps, min_ratio)
+    floor = peak_lr * min_ratio
+    for start, total in extensions:
+        if start <= warmup_steps:
+            schedule = warmup_cosine(peak_lr, total, warmup_steps, min_ratio)
+            continue
+        reached = float(schedule(start))
+
+        def schedule(count, before=schedule, start=start, total=total, reached=reached):
+            count = jnp.asarray(count, jnp.float32)
+            progress = jnp.clip((count - start) / max(total - start, 1), 0, 1)
+            cosine = floor + (reached - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+            return jnp.where(count < start, before(count), cosine)
+
+    return schedule
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy, computed in float32."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
@@ -75,6 +134,17 @@ def _loss_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
     return loss
 
 
+def _finite(*scalars: jax.Array) -> jax.Array:
+    """``True`` when every scalar is finite. Applied to norms: a norm is finite exactly when
+    every element it sums is (short of float overflow), and costs one reduction."""
+    return jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(x, jnp.float32) for x in scalars])))
+
+
+def _select(finite: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``finite``, else ``old`` (leaf by leaf, as ``optax.apply_if_finite``)."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -85,12 +155,16 @@ def make_train_step(
     batch_sharding: jax.sharding.NamedSharding | None = None,
     layerwise: bool = False,
     clip_per_layer: bool = False,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     The gradient's global norm is clipped to ``grad_clip`` (as ``torch.nn.utils.
     clip_grad_norm_``: scaled by ``min(1, c / (‖g‖ + 1e-6))``) before ``tx``, so ``tx``'s state
-    is exactly its own.
+    is exactly its own. A step whose loss, gradients or updates are not all finite is skipped
+    (``skip_nonfinite``): the parameters and the optimizer state stay as they were, as with
+    ``optax.apply_if_finite``, so one bad batch cannot poison Adam's moments; only the step
+    count advances, and ``metrics["skipped"]`` says so.
 
     With ``layerwise=True`` (a model with ``scan_layers=True``) each layer's matrices are
     updated by ``tx`` as soon as their gradient exists in the backward pass, so at most one
@@ -99,7 +173,9 @@ def make_train_step(
     parameter. Global-norm clipping needs every gradient before the first update, so
     ``grad_clip`` then requires ``clip_per_layer=True``: each layer's gradient, and the other
     leaves' gradient, are clipped to ``grad_clip`` separately. ``grad_norm`` in the metrics is
-    the true global norm either way.
+    the true global norm either way. A non-finite gradient skips only the layer it is in (and
+    the other leaves when theirs is): the layers updated before it in the backward walk keep
+    their update.
 
     Args:
       graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
@@ -112,13 +188,24 @@ def make_train_step(
         replicated on its mesh.
       layerwise: apply ``tx`` layer by layer inside the backward pass.
       clip_per_layer: with ``layerwise``, clip per layer (see above).
+      skip_nonfinite: skip non-finite steps (``False``: apply them, NaNs and all).
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
-      ``lr`` (float32 scalars).
+      ``lr`` (float32 scalars) and ``skipped`` (a bool scalar).
+
+    Example:
+      >>> from lowrank_jax.models import Llama, get_config
+      >>> model = Llama(get_config("llama_tiny", vocab_size=40, num_layers=1), rngs=nnx.Rngs(0))
+      >>> params, tx = nnx.to_pure_dict(nnx.state(model, nnx.Param)), optax.adamw(1e-3)
+      >>> step = make_train_step(nnx.graphdef(model), tx, grad_clip=1.0)
+      >>> state = TrainState(jnp.int32(0), params, tx.init(params))
+      >>> state, metrics = step(state, jnp.ones((2, 9), jnp.int32))
+      >>> int(state.step), bool(metrics["skipped"])
+      (1, False)
     """
     if layerwise:
-        step = _layerwise_step(graphdef, tx, grad_clip, clip_per_layer, schedule)
+        step = _layerwise_step(graphdef, tx, grad_clip, clip_per_layer, schedule, skip_nonfinite)
         return _jit(step, state_sharding, batch_sharding)
     if clip_per_layer:
         raise ValueError("clip_per_layer=True goes with layerwise=True")
@@ -132,8 +219,18 @@ def make_train_step(
             grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite = _finite(loss, grad_norm, optax.tree.norm(updates))
+        if skip_nonfinite:
+            params, opt_state = _select(
+                finite, (params, opt_state), (state.params, state.opt_state)
+            )
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": jnp.asarray(lr, jnp.float32),
+            "skipped": jnp.logical_and(skip_nonfinite, jnp.logical_not(finite)),
+        }
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return _jit(step, state_sharding, batch_sharding)
@@ -145,6 +242,7 @@ def _layerwise_step(
     grad_clip: float,
     clip_per_layer: bool,
     schedule: optax.Schedule | None,
+    skip_nonfinite: bool,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     if grad_clip > 0 and not clip_per_layer:
         raise ValueError(
@@ -166,9 +264,16 @@ def _layerwise_step(
             lambda logits: cross_entropy(logits, batch[:, 1:]),
             grad_clip=grad_clip,
             recompute=bool(getattr(nnx.merge(graphdef, state.params).config, "remat", False)),
+            skip_nonfinite=skip_nonfinite,
         )
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": jnp.asarray(lr, jnp.float32),
+            # some layer (or the other leaves) kept its old values
+            "skipped": jnp.logical_and(skip_nonfinite, jnp.logical_not(_finite(grad_norm))),
+        }
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step

@@ -138,3 +138,25 @@ def test_tfds_source_with_mock_data():
             data.tfds_documents("tiny_shakespeare", text_key="content")
     ds = data.build_dataset(name, docs, ByteTokenizer(), seq_len=4, val_fraction=0.2)
     assert ds.train.shape[1] == 5
+
+
+def test_folder_without_text_files_says_what_is_read_and_a_glob_reads_the_rest(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    with pytest.raises(DataError) as err:
+        data.resolve_source(str(tmp_path))
+    text = str(err.value)
+    assert "the directory has no *.txt files" in text and "\n" not in text
+    assert f"'{tmp_path}/**/*.py'" in text
+    assert data.resolve_source(str(tmp_path / "**" / "*.py"))[1] == ["x = 1\n"]
+
+
+def test_binary_files_are_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("fine text")
+    (tmp_path / "b.txt").write_bytes(b"text with a \x00 inside")
+    with pytest.raises(DataError) as err:
+        data.resolve_source(str(tmp_path))
+    assert str(err.value) == (
+        f"--data: {tmp_path / 'b.txt'} is not a text file (a NUL byte at offset 12: binary "
+        "data); remove it or narrow --data to text files"
+    )

@@ -1,9 +1,13 @@
 """Training tests compile the same tiny step several times (full, interrupted, resumed runs, and
 subprocesses of the CLI): a persistent compilation cache, private to this directory's tests,
-makes the repeats cache hits. It changes no numerics: a hit loads the same executable."""
+makes the repeats cache hits. It changes no numerics: a hit loads the same executable. One
+finished tiny run (``full_run``) serves every test that resumes, corrupts or compares with it."""
 
 import jax
 import pytest
+
+from lowrank_jax.train import RunConfig, train
+from tests.train.runs import TINY
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -21,3 +25,13 @@ def compilation_cache(tmp_path_factory):
     yield path
     for name, value in before.items():
         jax.config.update(name, value)
+
+
+@pytest.fixture(scope="package")
+def full_run(tmp_path_factory, compilation_cache):
+    """``(out, summary, report lines)`` of ``TINY`` trained to the end (checkpoints 3 and 6).
+    Tests copy ``out`` before changing anything in it."""
+    out = str(tmp_path_factory.mktemp("full"))
+    lines = []
+    summary = train(RunConfig(out=out, **TINY), log=lines.append)
+    return out, summary, lines

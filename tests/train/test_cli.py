@@ -1,6 +1,5 @@
 """``lowrank-jax train`` end to end at tiny sizes: metrics, exact resume, errors, kill -9."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,35 +11,9 @@ import pytest
 
 from lowrank_jax.train import RunConfig, TrainError, train
 from lowrank_jax.train.cli import main
-
-TINY = dict(
-    model="llama_tiny",
-    steps=6,
-    batch_size=2,
-    seq_len=16,
-    eval_every=3,
-    eval_batches=2,
-    checkpoint_every=3,
-    progress=False,
-    update_proj_gap=4,
-)
-
-
-def _records(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def _losses(out):
-    return {r["step"]: r["loss"] for r in _records(out) if "loss" in r and not r.get("summary")}
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("full"))
-    lines = []
-    summary = train(RunConfig(out=out, **TINY), log=lines.append)
-    return out, summary, lines
+from tests.train.runs import TINY
+from tests.train.runs import losses as _losses
+from tests.train.runs import records as _records
 
 
 def test_metrics_file_and_report(full_run):
@@ -111,6 +84,13 @@ def test_cli_errors_are_one_line(capsys, tmp_path, flags, message):
     assert "\n" not in err and "Traceback" not in err
 
 
+def _garble_step(root):
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(b"\x00corrupt")
+
+
 def test_cli_incompatible_and_corrupt_checkpoints(full_run, capsys, tmp_path):
     out, _, _ = full_run
     copy = tmp_path / "copy"
@@ -118,12 +98,13 @@ def test_cli_incompatible_and_corrupt_checkpoints(full_run, capsys, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
     code, err = _cli(capsys, *flags, "--out", str(copy), "--resume", "--rank", "4", "--no-progress")
     assert code == 2 and "incompatible run: rank=None (now 4)" in err and "\n" not in err
-    for root, _, files in os.walk(copy / "checkpoints" / "6"):
-        for name in files:
-            with open(os.path.join(root, name), "wb") as f:
-                f.write(b"\x00corrupt")
+    # Every checkpoint garbled: one line naming them and what to delete; nothing trained.
+    # (One garbled, the run falls back: test_reliability.py's bit-flip test.)
+    _garble_step(copy / "checkpoints" / "3")
+    _garble_step(copy / "checkpoints" / "6")
     code, err = _cli(capsys, *flags, "--out", str(copy), "--resume", "--no-progress")
-    assert code == 2 and "checkpoints/6" in err and "\n" not in err
+    assert code == 2 and "\n" not in err and "checkpoints/6" in err and "checkpoints/3" in err
+    assert "no intact checkpoint" in err and f"delete {copy / 'checkpoints'}" in err
 
 
 def test_kill_during_checkpointing_then_resume(tmp_path, compilation_cache):
@@ -167,10 +148,10 @@ def test_optimizer_options_reach_the_optimizer(tmp_path, capsys):
     from lowrank_jax.train.cli import _config, build_parser
 
     args = build_parser().parse_args(
-        ["train", "--opt", "basis=randomized", "--opt", "scale=1", "--opt", "on_refresh=reset"]
+        ["train", "--opt", "basis=randomized", "--opt", "eps=1e-7", "--opt", "on_refresh=reset"]
     )
     assert _config(args).optimizer_options == {
-        "basis": "randomized", "scale": 1, "on_refresh": "reset"
+        "basis": "randomized", "eps": 1e-7, "on_refresh": "reset"
     }
     out = str(tmp_path / "bad")
     assert main(["train", "--model", "llama_tiny", "--steps", "2", "--out", out,

@@ -112,3 +112,73 @@ def test_schedule_is_the_papers():
     assert np.all(np.diff(lrs[10:100]) < 0)
     no_warmup = warmup_cosine(1.0, 10, 0)
     assert float(no_warmup(0)) == 1.0
+
+
+def test_each_setting_is_declared_once():
+    """The flags, their help, the docstring and the checkpoint fingerprint all come from the
+    fields: a new field cannot miss one of them."""
+    import dataclasses
+
+    from lowrank_jax.train.cli import build_parser
+    from lowrank_jax.train.resume import fingerprint, fresh_plan
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest: a for a in train_parser._actions if a.dest not in ("help", "config")}
+    assert set(dests) == set(RunConfig.field_names())
+    for field in dataclasses.fields(RunConfig):
+        assert field.metadata["help"] and field.metadata["help"] in RunConfig.__doc__.replace(
+            "\n        ", " "
+        )
+        assert field.metadata["help"].replace("%", "%%") in dests[field.name].help
+    assert "--no-progress" in dests["progress"].option_strings
+    assert dests["optimizer_options"].option_strings == ["--opt"]
+    identity = set(RunConfig.identity_names())
+    assert identity == {
+        "model", "optimizer", "rank", "update_proj_gap", "galore_scale", "lr", "min_lr_ratio",
+        "warmup", "weight_decay", "grad_clip", "steps", "batch_size", "seq_len", "seed", "data",
+        "tokenizer", "bpe_vocab_size", "val_fraction", "scan_layers", "remat", "dtype",
+        "param_dtype", "optimizer_options",
+    }  # fmt: skip
+    cfg = RunConfig()
+    saved = fingerprint(cfg, 259, fresh_plan(cfg, 1e-2))
+    assert set(saved) == identity | {"vocab_size", "schedule"}
+    assert saved["schedule"] == [[0, cfg.steps]]
+
+
+def test_field_types_are_enforced_and_file_values_converted(tmp_path):
+    with pytest.raises(ConfigError, match=r"--lr must be a number or null, got '1e-3' \(str\)"):
+        RunConfig(lr="1e-3")
+    with pytest.raises(ConfigError, match="--steps must be an integer, got 2.5"):
+        RunConfig(steps=2.5)
+    with pytest.raises(ConfigError, match="--resume must be true or false, got 1"):
+        RunConfig(resume=1)
+    assert RunConfig(lr=1).lr == 1.0 and isinstance(RunConfig(lr=1).lr, float)
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nsteps: '12'\nscan_layers: 'yes'\nrank: null\nwarmup: None\n")
+    assert load_config_file(str(path)) == {
+        "lr": 1e-3, "steps": 12, "scan_layers": True, "rank": None, "warmup": None
+    }
+    path.write_text("steps: twelve\n")
+    with pytest.raises(ConfigError, match=f"--config {path}: steps must be an integer"):
+        load_config_file(str(path))
+
+
+def test_extended_schedule_continues_without_a_jump():
+    """The issue's numbers: 40 of 60 steps, then --steps 200: the re-planned cosine jumped
+    from 0.00102 to 0.00628; extended, it continues from where it was."""
+    from lowrank_jax.train.step import extended_schedule
+
+    old = warmup_cosine(0.01, 60, 6, 0.1)
+    new = extended_schedule(0.01, [(0, 60), (40, 200)], 6, 0.1)
+    lrs = np.array([float(new(s)) for s in range(0, 201)])
+    np.testing.assert_array_equal(lrs[:40], [float(old(s)) for s in range(40)])
+    np.testing.assert_allclose(lrs[40], float(old(40)), rtol=1e-6)  # no jump
+    assert np.all(np.diff(lrs[40:]) <= 0) and lrs[-1] == pytest.approx(1e-3, rel=1e-5)
+    finished = extended_schedule(0.01, [(0, 60), (60, 100)], 6, 0.1)
+    np.testing.assert_allclose([float(finished(s)) for s in (60, 80, 99)], 1e-3, rtol=1e-5)
+    in_warmup = extended_schedule(0.01, [(0, 60), (3, 100)], 6, 0.1)
+    np.testing.assert_allclose(float(in_warmup(50)), float(warmup_cosine(0.01, 100, 6)(50)))
+    twice = extended_schedule(0.01, [(0, 60), (40, 100), (70, 150)], 6, 0.1)
+    once = extended_schedule(0.01, [(0, 60), (40, 100)], 6, 0.1)
+    np.testing.assert_array_equal([float(twice(s)) for s in range(70)],
+                                  [float(once(s)) for s in range(70)])  # fmt: skip

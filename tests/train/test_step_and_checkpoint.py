@@ -12,7 +12,7 @@ from flax import nnx
 import lowrank_jax as lr
 from lowrank_jax.data import IteratorState
 from lowrank_jax.models import Llama, get_config
-from lowrank_jax.train.checkpoint import Checkpointer, CheckpointError
+from lowrank_jax.train.checkpoint import Checkpointer, CheckpointError, CorruptCheckpointError
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
 CONFIG = get_config("llama_tiny", vocab_size=40, num_layers=1)
@@ -128,3 +128,71 @@ def test_incompatible_and_corrupt_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be restored") as err:
         ckpt.restore(5, abstract, {"model": "llama_tiny", "rank": 4})
     assert "\n" not in str(err.value)
+
+
+def test_a_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
+    tx = lr.galore_adamw(3e-2, rank=8)  # test_step_lowers_the_loss's step: a cache hit
+    graphdef, state = _setup(tx)
+    step = make_train_step(graphdef, tx, grad_clip=1.0)
+    state, metrics = step(state, _batch(0))
+    assert not bool(metrics["skipped"])
+    before = jax.tree.map(np.asarray, state)
+    poisoned = _batch(1).at[0, 0].set(10**6)  # out of the vocabulary: NaN logits
+    state, metrics = step(state, poisoned)
+    assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 2  # the step count advances (the batch was consumed)
+    _assert_same(state.params, before.params)
+    _assert_same(state.opt_state, before.opt_state)
+    state, metrics = step(state, _batch(2))  # and the next step trains normally
+    assert not bool(metrics["skipped"]) and np.isfinite(float(metrics["loss"]))
+    sgd = optax.sgd(1.0)  # skip_nonfinite=False: the NaN goes in, as before
+    raw = make_train_step(graphdef, sgd, skip_nonfinite=False)
+    state, metrics = raw(TrainState(state.step, state.params, sgd.init(state.params)), poisoned)
+    assert not bool(metrics["skipped"])
+    assert not np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
+
+
+def test_checksums_catch_swapped_arrays_and_are_the_same_on_any_mesh(tmp_path, eight_devices):
+    from lowrank_jax import sharding
+    from lowrank_jax.train.integrity import tree_checksums
+
+    tx = optax.adamw(1e-3)
+    _, state = _setup(tx)
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    ckpt.save(1, state, IteratorState(0, 1), {})
+    other = state._replace(params=jax.tree.map(lambda x: x + 1, state.params))
+    ckpt.save(2, other, IteratorState(0, 2), {})
+    # Valid arrays of another step (and no files.json): only the checksums can tell.
+    for step in (1, 2):
+        os.remove(tmp_path / str(step) / "files.json")
+    os.rename(tmp_path / "1" / "state", tmp_path / "swap")
+    os.rename(tmp_path / "2" / "state", tmp_path / "1" / "state")
+    os.rename(tmp_path / "swap", tmp_path / "2" / "state")
+    with pytest.raises(CorruptCheckpointError, match=r"array .* does not match the checksum"):
+        ckpt.restore(2, jax.eval_shape(lambda: state), {})
+    leaf = jnp.arange(64.0).reshape(8, 8)
+    mesh = sharding.make_mesh(4, 2, explicit=False)
+    spec = jax.sharding.PartitionSpec("fsdp", "tensor")
+    sharded = jax.device_put(leaf, jax.sharding.NamedSharding(mesh, spec))
+    assert tree_checksums({"w": sharded}) == tree_checksums({"w": leaf})
+    assert tree_checksums({"w": leaf.T}) != tree_checksums({"w": leaf})  # same words, moved
+
+
+def test_restore_latest_falls_back_past_a_corrupt_step(tmp_path):
+    tx = optax.adamw(1e-3)
+    _, state = _setup(tx)
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    for step in (1, 2):
+        ckpt.save(step, state._replace(step=jnp.int32(step)), IteratorState(0, step), {"a": 1})
+    data = tmp_path / "2" / "meta" / "metadata"
+    data.write_text(data.read_text()[:-5])
+    warnings, accepted = [], []
+    found = ckpt.restore_latest(
+        jax.eval_shape(lambda: state), lambda saved, step: accepted.append(step), warnings.append
+    )
+    step, restored, position, settings = found
+    assert (step, int(restored.step), position, settings) == (1, 1, IteratorState(0, 1), {"a": 1})
+    assert accepted == [1] and len(warnings) == 1
+    assert f"{data} has " in warnings[0] and "resuming from step 1" in warnings[0]
+    assert ckpt.all_steps() == [1] and (tmp_path / "2.corrupt").is_dir()
+    assert Checkpointer(str(tmp_path / "empty")).restore_latest(state, None, None) is None
