@@ -14,9 +14,11 @@ from lowrank_jax.optimizers import adamw_hf as adamw_hf
 from lowrank_jax.optimizers import apollo_adamw as apollo_adamw
 from lowrank_jax.optimizers import apollo_mini as apollo_mini
 from lowrank_jax.optimizers import fira_adamw as fira_adamw
+from lowrank_jax.optimizers import galore2_adamw as galore2_adamw
 from lowrank_jax.optimizers import galore_adafactor as galore_adafactor
 from lowrank_jax.optimizers import galore_adamw as galore_adamw
 from lowrank_jax.optimizers import galore_adamw_8bit as galore_adamw_8bit
+from lowrank_jax.optimizers import golore_adamw as golore_adamw
 from lowrank_jax.optimizers import lisa_adamw as lisa_adamw
 from lowrank_jax.optimizers import owlore_adamw as owlore_adamw
 from lowrank_jax.projection import Projector as Projector
@@ -30,6 +32,7 @@ from lowrank_jax.transforms import apollo as apollo
 from lowrank_jax.transforms import decoupled_weight_decay as decoupled_weight_decay
 from lowrank_jax.transforms import fira as fira
 from lowrank_jax.transforms import galore as galore
+from lowrank_jax.transforms import golore as golore
 from lowrank_jax.transforms import lisa as lisa
 from lowrank_jax.transforms import outlier_scores as outlier_scores
 from lowrank_jax.transforms import owl_probabilities as owl_probabilities

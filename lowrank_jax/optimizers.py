@@ -18,6 +18,7 @@ from lowrank_jax.transforms._adaptive import AdaptiveRefresh
 from lowrank_jax.transforms._apollo import apollo
 from lowrank_jax.transforms._fira import fira
 from lowrank_jax.transforms._galore import galore
+from lowrank_jax.transforms._golore import golore
 from lowrank_jax.transforms._lisa import LAYER_PATTERN, STACKED_PATTERN, lisa
 from lowrank_jax.transforms._norm_scaling import scale_by_adam_bias_correction
 from lowrank_jax.transforms._torch_style import (
@@ -34,7 +35,9 @@ __all__ = [
     "fira_adamw",
     "galore_adafactor",
     "galore_adamw",
+    "galore2_adamw",
     "galore_adamw_8bit",
+    "golore_adamw",
     "lisa_adamw",
     "owlore_adamw",
 ]
@@ -699,4 +702,132 @@ def owlore_adamw(
             seed=seed,
         ),
         optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def golore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 0.25,
+    random_after: int | jax.Array | None = None,
+    random_ratio: float = 0.8,
+    total_steps: int | None = None,
+    rotate_first_moment: bool = True,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    projector_dtype: Any = None,
+    mu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""GoLore-AdamW: GaLore-AdamW with random projections from step ``τ`` on.
+
+    .. math::
+        W \leftarrow \bigl(W - \eta\,\alpha\,P_t\,\mathrm{AdamHF}(P_t^\top G)\bigr)
+        (1 - \eta\lambda),\qquad P_t = \begin{cases}\mathrm{SVD}_r(G) & t < \tau\\
+        \text{random orthonormal} & t \ge \tau\end{cases}
+
+    with :math:`\tau` = ``random_after``, or ``int(random_ratio · total_steps)`` (GoLore's
+    scripts: ``rand_ratio`` 0.8). See :func:`lowrank_jax.golore`.
+
+    Args:
+      learning_rate: scalar or schedule.
+      rank, update_proj_gap, scale, rotate_first_moment, proj_type, targets, dims,
+        projector_dtype, seed: see :func:`lowrank_jax.golore`.
+      random_after: ``τ``; or give ``total_steps`` (and ``random_ratio``).
+      random_ratio: fraction of ``total_steps`` after which bases are random.
+      total_steps: the run length (used only when ``random_after`` is ``None``).
+      b1, b2, eps, weight_decay, weight_decay_mask, mu_dtype: as :func:`galore_adamw`.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> tx = lr.golore_adamw(1e-2, rank=4, total_steps=1000)  # random from step 800
+      >>> tx.init({"w": jnp.ones((16, 8))})[0].lowrank_state.mu["w"].shape
+      (16, 4)
+
+    References:
+      He et al., "Subspace Optimization for Large Language Models with Convergence Guarantees",
+      ICML 2025; ``pkumelon/Golore`` ``golore_torch.AdamW``.
+    """
+    if random_after is None:
+        if total_steps is None:
+            raise ValueError(
+                "golore_adamw: give random_after= (the first step with random bases) or "
+                "total_steps= (random from int(random_ratio * total_steps))."
+            )
+        if not 0 <= random_ratio:
+            raise ValueError(f"golore_adamw: random_ratio must be >= 0, got {random_ratio!r}.")
+        random_after = int(random_ratio * total_steps)
+    return optax.chain(
+        golore(
+            scale_by_adam_hf(b1, b2, eps, mu_dtype=mu_dtype),
+            rank=rank,
+            random_after=random_after,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            rotate_first_moment=rotate_first_moment,
+            proj_type=proj_type,
+            targets=targets,
+            dims=dims,
+            projector_dtype=projector_dtype,
+            seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+        decoupled_weight_decay(
+            learning_rate, weight_decay, after_update=True, mask=weight_decay_mask
+        ),
+    )
+
+
+def galore2_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 0.25,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    r"""GaLore 2: GaLore-AdamW with randomized-SVD refreshes (``basis="randomized"``).
+
+    The update rule is GaLore's (:func:`galore_adamw`); the exact SVD of each refresh is replaced
+    by a randomized range finder (Halko et al.: Gaussian sketch with 8 extra columns, two power
+    iterations, Rayleigh-Ritz), matmuls only, so a sharded gradient is never gathered whole.
+    GaLore 2's per-layer updates under FSDP are the layer-wise train step
+    (``lowrank-jax train --layerwise``), which this optimizer supports.
+
+    .. math::
+        W \leftarrow \bigl(W - \eta\,\alpha\,\tilde P\,\mathrm{AdamHF}(\tilde P^\top G)\bigr)
+        (1 - \eta\lambda),\qquad \tilde P = \mathrm{rSVD}_r(G)
+
+    Args:
+      learning_rate: scalar or schedule.
+      rank, update_proj_gap, scale: as :func:`galore_adamw`.
+      **kwargs: any other argument of :func:`galore_adamw` (``basis`` is fixed).
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> tx = lr.galore2_adamw(1e-2, rank=4)
+      >>> tx.init({"w": jnp.ones((64, 32))})[0].projectors["w"].out_basis.shape
+      (32, 4)
+
+    References:
+      Su et al., "GaLore 2: Large-Scale LLM Pre-Training by Gradient Low-Rank Projection",
+      2025. https://arxiv.org/abs/2504.20437
+    """
+    if "basis" in kwargs:
+        raise ValueError("galore2_adamw: basis is 'randomized'; use galore_adamw for another one.")
+    return galore_adamw(
+        learning_rate,
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        basis="randomized",
+        **kwargs,
     )

@@ -182,6 +182,23 @@ BUILTINS: tuple[Builtin, ...] = (
         (*_PROJECTED, "scale", *_ADAM),
     ),
     Builtin(
+        "galore2",
+        "lowrank_jax.optimizers:galore2_adamw",
+        "lowrank_jax.galore2_adamw (GaLore 2: GaLore-AdamW with randomized-SVD refreshes)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
+        "golore",
+        "lowrank_jax.optimizers:golore_adamw",
+        "lowrank_jax.golore_adamw (GoLore: SVD bases, random ones after 80% of the run; "
+        "--opt random_ratio=...)",
+        1e-2,
+        (*_PROJECTED, "scale", "total_steps", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
         "lisa",
         "lowrank_jax.optimizers:lisa_adamw",
         "lowrank_jax.lisa_adamw (2 sampled layers every 20 steps + embedding/norm/head; "

@@ -18,6 +18,7 @@ from lowrank_jax.transforms._fira import FiraState as FiraState
 from lowrank_jax.transforms._fira import fira as fira
 from lowrank_jax.transforms._galore import GaLoreState as GaLoreState
 from lowrank_jax.transforms._galore import galore as galore
+from lowrank_jax.transforms._golore import golore as golore
 from lowrank_jax.transforms._lisa import LisaState as LisaState
 from lowrank_jax.transforms._lisa import lisa as lisa
 from lowrank_jax.transforms._norm_scaling import (

@@ -5,7 +5,17 @@ import pytest
 
 from lowrank_jax.train import registry
 
-NAMES = ["fira", "apollo", "apollo_mini", "adamw_8bit", "galore_adamw_8bit", "lisa", "owlore"]
+NAMES = [
+    "fira",
+    "apollo",
+    "apollo_mini",
+    "adamw_8bit",
+    "galore_adamw_8bit",
+    "lisa",
+    "owlore",
+    "galore2",
+    "golore",
+]
 PARAMS = {
     "layers": {str(i): {"w": np.full((8, 6), 0.1 * (i + 1), np.float32)} for i in range(4)},
     "embed": {"embedding": np.ones((10, 6), np.float32)},
