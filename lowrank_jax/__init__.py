@@ -13,7 +13,9 @@ from lowrank_jax.optimizers import adamw_8bit as adamw_8bit
 from lowrank_jax.optimizers import adamw_hf as adamw_hf
 from lowrank_jax.optimizers import apollo_adamw as apollo_adamw
 from lowrank_jax.optimizers import apollo_mini as apollo_mini
+from lowrank_jax.optimizers import badam_adamw as badam_adamw
 from lowrank_jax.optimizers import fira_adamw as fira_adamw
+from lowrank_jax.optimizers import flora_adafactor as flora_adafactor
 from lowrank_jax.optimizers import galore2_adamw as galore2_adamw
 from lowrank_jax.optimizers import galore_adafactor as galore_adafactor
 from lowrank_jax.optimizers import galore_adamw as galore_adamw
@@ -29,6 +31,7 @@ from lowrank_jax.transforms import FiraState as FiraState
 from lowrank_jax.transforms import GaLoreState as GaLoreState
 from lowrank_jax.transforms import LisaState as LisaState
 from lowrank_jax.transforms import apollo as apollo
+from lowrank_jax.transforms import badam as badam
 from lowrank_jax.transforms import decoupled_weight_decay as decoupled_weight_decay
 from lowrank_jax.transforms import fira as fira
 from lowrank_jax.transforms import galore as galore

@@ -29,7 +29,10 @@ __all__ = [
     "adam8bit_bytes",
     "adamw_bytes",
     "apollo_bytes",
+    "badam_bytes",
     "fira_bytes",
+    "flora_accumulation_bytes",
+    "flora_bytes",
     "galore8bit_bytes",
     "galore_bytes",
     "human",
@@ -283,3 +286,78 @@ def human(n_bytes: float) -> str:
         n_bytes /= 1000
         units.pop(0)
     return f"{int(n_bytes)} B" if units[0] == "B" else f"{n_bytes:.2f} {units[0]}"
+
+
+def _flora_buffer(leaf: Any, plan: Any, rank: int, proj_type: str = "std") -> int:
+    """Elements of Flora's compressed buffer of a leaf (full size when not compressed)."""
+    if plan is None:
+        return _size(leaf)
+    batch, n_in, n_out = plan
+    if min(n_in, n_out) < rank:
+        return _size(leaf)
+    side = projection.choose_side(proj_type, n_in, n_out)
+    return batch * rank * (n_out if side == "in" else n_in)
+
+
+def flora_bytes(
+    params: Any,
+    *,
+    rank: int,
+    momentum: bool = True,
+    targets: Targets = None,
+    dims: Any = None,
+    momentum_dtype: Any = np.float32,
+) -> int:
+    """Flora's state: Adafactor's float32 row and column statistics (``m + n`` per matrix,
+    full size for vectors) plus the momentum, compressed to ``r·max(m, n)`` for targeted
+    matrices with ``min(m, n) >= r`` and full size elsewhere (none without ``momentum``)."""
+    m_size = np.dtype(momentum_dtype).itemsize
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "flora_bytes"):
+        shape = tuple(np.shape(leaf))
+        if len(shape) >= 2:
+            total += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+        else:
+            total += 4 * _size(leaf)
+        if momentum:
+            total += m_size * _flora_buffer(leaf, plan, rank)
+    return total
+
+
+def flora_accumulation_bytes(
+    params: Any, *, rank: int, targets: Targets = None, dims: Any = None, dtype: Any = np.float32
+) -> int:
+    """Flora's compressed gradient-accumulation buffers (without the wrapped optimizer's
+    state): ``r·max(m, n)`` per targeted matrix with ``min(m, n) >= r``, full size elsewhere."""
+    size = np.dtype(dtype).itemsize
+    return sum(
+        size * _flora_buffer(leaf, plan, rank)
+        for leaf, plan in _matrices(params, targets, dims, "flora_accumulation_bytes")
+    )
+
+
+def badam_bytes(
+    params: Any,
+    *,
+    train_non_layer: bool = True,
+    layer_bytes: Any = None,
+    always_bytes: Any = None,
+    layer_pattern: str | None = None,
+    stacked_pattern: str | None = "default",
+    always_active: Targets = None,
+) -> int:
+    """BAdam's state: the inner state of **one** layer block (plus one int32 block index) and
+    that of the always-active non-layer leaves (none with ``train_non_layer=False``); arguments
+    as :func:`lisa_bytes`."""
+    layer_bytes = layer_bytes or adamw_bytes
+    if not train_non_layer:
+        always_bytes = lambda tree: 0  # noqa: E731
+    return lisa_bytes(
+        params,
+        n_active=1,
+        layer_bytes=layer_bytes,
+        always_bytes=always_bytes,
+        layer_pattern=layer_pattern,
+        stacked_pattern=stacked_pattern,
+        always_active=always_active,
+    )

@@ -10,13 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lowrank_jax.targets import Targets
 from lowrank_jax.transforms._adam_8bit import scale_by_adam_8bit
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
 from lowrank_jax.transforms._apollo import apollo
+from lowrank_jax.transforms._badam import badam
 from lowrank_jax.transforms._fira import fira
+from lowrank_jax.transforms._flora import scale_by_flora
 from lowrank_jax.transforms._galore import galore
 from lowrank_jax.transforms._golore import golore
 from lowrank_jax.transforms._lisa import LAYER_PATTERN, STACKED_PATTERN, lisa
@@ -32,7 +35,9 @@ __all__ = [
     "adamw_hf",
     "apollo_adamw",
     "apollo_mini",
+    "badam_adamw",
     "fira_adamw",
+    "flora_adafactor",
     "galore_adafactor",
     "galore_adamw",
     "galore2_adamw",
@@ -830,4 +835,147 @@ def galore2_adamw(
         scale=scale,
         basis="randomized",
         **kwargs,
+    )
+
+
+def flora_adafactor(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    b1: float | None = 0.9,
+    kappa: int = 1000,
+    decay_rate: float = -0.8,
+    eps: tuple[float, float] = (1e-30, 1e-3),
+    clip_threshold: float = 1.0,
+    scale_parameter: bool = True,
+    weight_decay: float = 0.0,
+    targets: Targets = None,
+    dims: Any = None,
+    momentum_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Flora: Adafactor with its momentum compressed by regenerated random projections.
+
+    ``flora-opt``'s torch ``Flora(lr, rank, kappa, beta1=b1)`` step
+    (:func:`lowrank_jax.transforms.scale_by_flora`), times the learning rate:
+
+    .. math::
+        W \leftarrow W - \eta\,s_t\bigl(\mathrm{clip}(U_t) + \lambda W\bigr),\quad
+        U_t = (1-\beta_1)\hat G_t + \beta_1 A_k m_{t-1},\quad
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) A_k^\top \hat G_t
+
+    with :math:`s_t = \max(10^{-3}, \mathrm{RMS}(W))`. For compressed gradient accumulation
+    wrap it in :func:`lowrank_jax.transforms.flora_accumulation`.
+
+    Args:
+      learning_rate: scalar or schedule.
+      rank, b1, kappa, decay_rate, eps, clip_threshold, scale_parameter, weight_decay, targets,
+        dims, seed: see :func:`lowrank_jax.transforms.scale_by_flora` (defaults: the torch
+        reference's, with momentum on).
+      momentum_dtype: dtype of the momentum (default float32, as the reference).
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> params = {"w": jnp.ones((32, 16))}
+      >>> tx = lr.flora_adafactor(1e-2, rank=4)
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+      >>> updates["w"].shape
+      (32, 16)
+
+    References:
+      Hao, Cao, Mou, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors", ICML 2024;
+      ``flora-opt`` 0.0.3 ``Flora``.
+    """
+    return optax.chain(
+        scale_by_flora(
+            rank,
+            b1=b1,
+            kappa=kappa,
+            decay_rate=decay_rate,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            scale_parameter=scale_parameter,
+            weight_decay=weight_decay,
+            targets=targets,
+            dims=dims,
+            momentum_dtype=momentum_dtype or jnp.float32,
+            seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def badam_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    switch_every: int = 50,
+    order: str = "ascending",
+    start_block: int | None = None,
+    full_first_block: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    layer_pattern: str = LAYER_PATTERN,
+    stacked_pattern: str | None = STACKED_PATTERN,
+    always_active: Targets = None,
+    train_non_layer: bool = True,
+    reset_always_active: bool = True,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""BAdam with AdamW: one layer block at a time, switched every ``K`` steps in a fixed order.
+
+    .. math::
+        W_\ell \leftarrow W_\ell(1 - \eta\lambda) - \eta\,\mathrm{Adam}(G_\ell)
+        \ \ (\ell = \pi(\lfloor (t+1)/K \rfloor)),\qquad W_\ell \text{ unchanged otherwise}
+
+    ``torch.optim.AdamW`` as BAdam's base optimizer (``eps`` after bias correction, decay of the
+    weights before the update), restarted at every switch; see :func:`lowrank_jax.badam`.
+    The non-layer leaves (embedding, final norm, head) train every step by default; BAdam's
+    default freezes them (``train_non_layer=False``).
+
+    Args:
+      learning_rate: scalar or schedule (it follows the global step).
+      switch_every, order, start_block, full_first_block, layer_pattern, stacked_pattern,
+        always_active, train_non_layer, reset_always_active, seed: see
+        :func:`lowrank_jax.badam` (LLaMA-Factory: ascending, K = 50).
+      b1, b2, eps: Adam constants.
+      weight_decay: decoupled decay of the trained leaves.
+      weight_decay_mask: ``None`` or a callable ``params -> bool tree`` (called on the active
+        block's slot and on the other leaves separately).
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> params = {"layers": {str(i): {"w": jnp.ones((4, 4))} for i in range(4)}}
+      >>> tx = lr.badam_adamw(1e-3, switch_every=10)
+      >>> updates, state = tx.update(params, tx.init(params), params)
+      >>> [bool((u["w"] != 0).any()) for u in updates["layers"].values()]
+      [True, False, False, False]
+
+    References:
+      Luo, Yu, Li, "BAdam", NeurIPS 2024; ``badam`` 1.4 ``BlockOptimizer``.
+    """
+    if weight_decay_mask is not None and not callable(weight_decay_mask):
+        raise ValueError(
+            "badam_adamw: weight_decay_mask must be None or a callable params -> bool tree."
+        )
+    inner = optax.scale_by_adam(b1, b2, eps)
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        inner = optax.chain(inner, optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    return optax.chain(
+        badam(
+            inner,
+            switch_every=switch_every,
+            order=order,
+            start_block=start_block,
+            full_first_block=full_first_block,
+            layer_pattern=layer_pattern,
+            stacked_pattern=stacked_pattern,
+            always_active=always_active,
+            train_non_layer=train_non_layer,
+            reset_always_active=reset_always_active,
+            seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
     )

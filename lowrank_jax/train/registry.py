@@ -199,6 +199,22 @@ BUILTINS: tuple[Builtin, ...] = (
         eps=1e-6,
     ),
     Builtin(
+        "flora",
+        "lowrank_jax.optimizers:flora_adafactor",
+        "lowrank_jax.flora_adafactor (Flora: Adafactor, momentum compressed by regenerated "
+        "random projections; --opt kappa=...)",
+        1e-2,
+        ("rank", "seed", "weight_decay"),
+    ),
+    Builtin(
+        "badam",
+        "lowrank_jax.optimizers:badam_adamw",
+        "lowrank_jax.badam_adamw (BAdam: one layer block at a time, ascending, switched every "
+        "50 steps; --opt switch_every=... order=...)",
+        1e-3,
+        ("seed", *_ADAM),
+    ),
+    Builtin(
         "lisa",
         "lowrank_jax.optimizers:lisa_adamw",
         "lowrank_jax.lisa_adamw (2 sampled layers every 20 steps + embedding/norm/head; "

@@ -14,8 +14,15 @@ from lowrank_jax.transforms._adaptive import svd_count as svd_count
 from lowrank_jax.transforms._apollo import ApolloState as ApolloState
 from lowrank_jax.transforms._apollo import apollo as apollo
 from lowrank_jax.transforms._apollo import gaussian_projection as gaussian_projection
+from lowrank_jax.transforms._badam import badam as badam
+from lowrank_jax.transforms._badam import badam_block as badam_block
 from lowrank_jax.transforms._fira import FiraState as FiraState
 from lowrank_jax.transforms._fira import fira as fira
+from lowrank_jax.transforms._flora import FloraAccumulationState as FloraAccumulationState
+from lowrank_jax.transforms._flora import ScaleByFloraState as ScaleByFloraState
+from lowrank_jax.transforms._flora import flora_accumulation as flora_accumulation
+from lowrank_jax.transforms._flora import flora_projection as flora_projection
+from lowrank_jax.transforms._flora import scale_by_flora as scale_by_flora
 from lowrank_jax.transforms._galore import GaLoreState as GaLoreState
 from lowrank_jax.transforms._galore import galore as galore
 from lowrank_jax.transforms._golore import golore as golore

@@ -15,6 +15,8 @@ NAMES = [
     "owlore",
     "galore2",
     "golore",
+    "flora",
+    "badam",
 ]
 PARAMS = {
     "layers": {str(i): {"w": np.full((8, 6), 0.1 * (i + 1), np.float32)} for i in range(4)},
