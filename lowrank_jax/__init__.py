@@ -11,6 +11,7 @@ from lowrank_jax import sharding as sharding
 from lowrank_jax import targets as targets
 from lowrank_jax.optimizers import adamw_8bit as adamw_8bit
 from lowrank_jax.optimizers import adamw_hf as adamw_hf
+from lowrank_jax.optimizers import allora_adamw as allora_adamw
 from lowrank_jax.optimizers import apollo_adamw as apollo_adamw
 from lowrank_jax.optimizers import apollo_mini as apollo_mini
 from lowrank_jax.optimizers import badam_adamw as badam_adamw
@@ -22,6 +23,8 @@ from lowrank_jax.optimizers import galore_adamw as galore_adamw
 from lowrank_jax.optimizers import galore_adamw_8bit as galore_adamw_8bit
 from lowrank_jax.optimizers import golore_adamw as golore_adamw
 from lowrank_jax.optimizers import lisa_adamw as lisa_adamw
+from lowrank_jax.optimizers import lorafa_adamw as lorafa_adamw
+from lowrank_jax.optimizers import loraplus_adamw as loraplus_adamw
 from lowrank_jax.optimizers import owlore_adamw as owlore_adamw
 from lowrank_jax.projection import Projector as Projector
 from lowrank_jax.targets import MatrixDims as MatrixDims

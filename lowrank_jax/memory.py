@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from lowrank_jax import projection
-from lowrank_jax.targets import Targets, resolve, resolve_dims
+from lowrank_jax.targets import Targets, path_str, resolve, resolve_dims
 
 __all__ = [
     "adam8bit_bytes",
@@ -37,6 +37,7 @@ __all__ = [
     "galore_bytes",
     "human",
     "lisa_bytes",
+    "lorafa_bytes",
     "param_bytes",
     "state_bytes",
     "tree_bytes",
@@ -360,4 +361,17 @@ def badam_bytes(
         layer_pattern=layer_pattern,
         stacked_pattern=stacked_pattern,
         always_active=always_active,
+    )
+
+
+def lorafa_bytes(params: Any, *, dtype: Any = None) -> int:
+    """LoRA-FA's state over an adapter tree: two moments per leaf except the frozen ``A``
+    factors (none: they get no gradient and no state)."""
+    from lowrank_jax.transforms._lora_factors import factor_of
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(
+        2 * _size(x) * np.dtype(dtype or x.dtype).itemsize
+        for kp, x in flat
+        if factor_of(path_str(kp)) != "a"
     )

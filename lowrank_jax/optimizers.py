@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.targets import Targets
+from lowrank_jax.targets import Targets, path_str
+from lowrank_jax.transforms import _lora_factors
 from lowrank_jax.transforms._adam_8bit import scale_by_adam_8bit
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
 from lowrank_jax.transforms._apollo import apollo
@@ -23,6 +24,8 @@ from lowrank_jax.transforms._flora import scale_by_flora
 from lowrank_jax.transforms._galore import galore
 from lowrank_jax.transforms._golore import golore
 from lowrank_jax.transforms._lisa import LAYER_PATTERN, STACKED_PATTERN, lisa
+from lowrank_jax.transforms._lorafa import lorafa
+from lowrank_jax.transforms._loraplus import scale_by_allora, scale_by_loraplus
 from lowrank_jax.transforms._norm_scaling import scale_by_adam_bias_correction
 from lowrank_jax.transforms._torch_style import (
     decoupled_weight_decay,
@@ -33,6 +36,7 @@ from lowrank_jax.transforms._torch_style import (
 __all__ = [
     "adamw_8bit",
     "adamw_hf",
+    "allora_adamw",
     "apollo_adamw",
     "apollo_mini",
     "badam_adamw",
@@ -44,6 +48,8 @@ __all__ = [
     "galore_adamw_8bit",
     "golore_adamw",
     "lisa_adamw",
+    "lorafa_adamw",
+    "loraplus_adamw",
     "owlore_adamw",
 ]
 
@@ -977,5 +983,167 @@ def badam_adamw(
             reset_always_active=reset_always_active,
             seed=seed,
         ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def _lora_decay_mask(exclude: Any) -> Any:
+    """A weight-decay mask callable: every leaf but those ``exclude(path, leaf)`` selects."""
+
+    def mask(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, x: not exclude(path_str(kp), x), params
+        )
+
+    return mask
+
+
+def loraplus_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    ratio: float = 16.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    embedding_pattern: str | None = None,
+    embedding_ratio: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""LoRA+ with AdamW over an adapter tree: ``B`` factors (and 1-D leaves) at ``λη``.
+
+    .. math::
+        B \leftarrow B(1 - \lambda\eta\mu) - \lambda\eta\,\mathrm{Adam}(g_B),\qquad
+        A \leftarrow A(1 - \eta\mu) - \eta\,\mathrm{Adam}(g_A)
+
+    What PEFT's ``create_loraplus_optimizer(model, torch.optim.AdamW, lr=η,
+    loraplus_lr_ratio=λ, loraplus_weight_decay=μ)`` builds: ``torch.optim.AdamW`` per group,
+    the same ``μ`` everywhere except 1-D biases and norm weights of the ``B`` group (no decay).
+    See :func:`lowrank_jax.transforms.scale_by_loraplus`.
+
+    Args:
+      learning_rate: ``η`` (scalar or schedule), the ``A`` group's rate.
+      ratio: ``λ`` (PEFT docs: 16).
+      b1, b2, eps: Adam constants (``eps`` after bias correction, as torch).
+      weight_decay: ``μ`` (PEFT's ``loraplus_weight_decay``, default 0).
+      embedding_pattern, embedding_ratio: LoRA-on-embedding adapters' group and multiplier.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> adapter = {"q": {"A": jnp.ones((8, 2)), "B": jnp.zeros((2, 4))}}
+      >>> tx = lr.loraplus_adamw(1e-3, ratio=4.0)
+      >>> grads = {"q": {"A": jnp.ones((8, 2)), "B": jnp.ones((2, 4))}}
+      >>> u, _ = tx.update(grads, tx.init(adapter), adapter)
+      >>> round(float(u["q"]["B"][0, 0] / u["q"]["A"][0, 0]), 3)
+      4.0
+
+    References:
+      Hayou, Ghosh, Yu, "LoRA+", ICML 2024; PEFT ``create_loraplus_optimizer``.
+    """
+
+    def no_decay(path: str, leaf: Any) -> bool:
+        if jnp.ndim(leaf) != 1 and _lora_factors.factor_of(path) != "b":
+            return False
+        return any(("bias" in part or "norm" in part.lower()) for part in path.split("/"))
+
+    return optax.chain(
+        optax.scale_by_adam(b1, b2, eps),
+        optax.add_decayed_weights(weight_decay, _lora_decay_mask(no_decay)),
+        scale_by_loraplus(
+            ratio, embedding_pattern=embedding_pattern, embedding_ratio=embedding_ratio
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def lorafa_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    scaling: Any = 1.0,
+    delta: float = 1e-8,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""LoRA-FA with AdamW, as PEFT's ``create_lorafa_optimizer``: ``A`` frozen, ``B`` projected.
+
+    .. math::
+        B \leftarrow \bigl(B - \eta\,\mathrm{AdamHF}(\tilde g_B)\bigr)(1 - \eta\lambda),\qquad
+        \tilde g_B = s^{-2}(A^\top A + \delta I)^{+} g_B
+
+    (HF-style Adam: ``eps`` before bias correction, decay of the updated weights; the same
+    AdamW for non-LoRA leaves; no state and no update for ``A``). Pass the frozen ``A`` with
+    ``update(..., frozen=adapters.frozen)`` when it is not in the trained tree (see
+    :func:`lowrank_jax.transforms.lorafa`).
+
+    Args:
+      learning_rate: scalar or schedule.
+      scaling: LoRA scale ``s``: a float or ``{adapter path: s}``.
+      delta: ``δ``.
+      b1, b2, eps: Adam constants (PEFT: betas (0.9, 0.999), eps 1e-6).
+      weight_decay: ``λ`` (never applied to ``A``).
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> adapter = {"q": {"A": jnp.eye(8, 2), "B": jnp.zeros((2, 4))}}
+      >>> tx = lr.lorafa_adamw(1e-3)
+      >>> tx.init(adapter)[0].inner_state.mu["q"]["B"].shape  # no moments for A
+      (2, 4)
+
+    References:
+      Zhang et al., "LoRA-FA", arXiv:2308.03303; PEFT ``create_lorafa_optimizer``.
+    """
+    return optax.chain(
+        lorafa(scale_by_adam_hf(b1, b2, eps), scaling=scaling, delta=delta),
+        optax.scale_by_learning_rate(learning_rate),
+        decoupled_weight_decay(
+            learning_rate,
+            weight_decay,
+            after_update=True,
+            mask=_lora_decay_mask(lambda path, x: _lora_factors.factor_of(path) == "a"),
+        ),
+    )
+
+
+def allora_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    eta: float = 2.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""ALLoRA: AdamW with a per-row rate :math:`\eta_0/\sqrt{\|P_i\| + 1/\eta^2}` on LoRA factors.
+
+    .. math::
+        P_i \leftarrow P_i - \frac{\eta_0}{\sqrt{\|P_i\|_2 + 1/\eta^2}}
+        \bigl(\mathrm{Adam}(g_P)_i + \mu P_i\bigr)
+
+    for every row :math:`P_i` of the ``A`` and ``B`` factors (other leaves: plain AdamW). Use
+    it with LoRA scale ``s = 1`` and no dropout, as the paper (see
+    :func:`lowrank_jax.transforms.scale_by_allora`).
+
+    Args:
+      learning_rate: ``η₀`` (scalar or schedule).
+      eta: ``η`` of the coefficient (default 2).
+      b1, b2, eps: Adam constants.
+      weight_decay: ``μ`` (decoupled, scaled by the row's coefficient too).
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lr
+      >>> adapter = {"q": {"A": jnp.ones((8, 2)), "B": jnp.zeros((2, 4))}}
+      >>> tx = lr.allora_adamw(1e-3)
+      >>> u, _ = tx.update(adapter, tx.init(adapter), adapter)
+      >>> u["q"]["B"].shape
+      (2, 4)
+
+    References:
+      Huang, Balestriero, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws", 2024.
+    """
+    return optax.chain(
+        optax.scale_by_adam(b1, b2, eps),
+        optax.add_decayed_weights(weight_decay),
+        scale_by_allora(eta),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -28,6 +28,13 @@ from lowrank_jax.transforms._galore import galore as galore
 from lowrank_jax.transforms._golore import golore as golore
 from lowrank_jax.transforms._lisa import LisaState as LisaState
 from lowrank_jax.transforms._lisa import lisa as lisa
+from lowrank_jax.transforms._lorafa import LoraFAState as LoraFAState
+from lowrank_jax.transforms._lorafa import lorafa as lorafa
+from lowrank_jax.transforms._lorafa import lorafa_precondition as lorafa_precondition
+from lowrank_jax.transforms._loraplus import allora_coefficients as allora_coefficients
+from lowrank_jax.transforms._loraplus import loraplus_groups as loraplus_groups
+from lowrank_jax.transforms._loraplus import scale_by_allora as scale_by_allora
+from lowrank_jax.transforms._loraplus import scale_by_loraplus as scale_by_loraplus
 from lowrank_jax.transforms._norm_scaling import (
     ScaleByBiasCorrectionState as ScaleByBiasCorrectionState,
 )
