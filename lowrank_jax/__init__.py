@@ -26,6 +26,7 @@ from lowrank_jax.optimizers import lisa_adamw as lisa_adamw
 from lowrank_jax.optimizers import lorafa_adamw as lorafa_adamw
 from lowrank_jax.optimizers import loraplus_adamw as loraplus_adamw
 from lowrank_jax.optimizers import owlore_adamw as owlore_adamw
+from lowrank_jax.optimizers import q_galore_adamw_8bit as q_galore_adamw_8bit
 from lowrank_jax.projection import Projector as Projector
 from lowrank_jax.targets import MatrixDims as MatrixDims
 from lowrank_jax.transforms import AdaptiveRefresh as AdaptiveRefresh

@@ -36,9 +36,11 @@ __all__ = [
     "galore8bit_bytes",
     "galore_bytes",
     "human",
+    "int8_weight_bytes",
     "lisa_bytes",
     "lorafa_bytes",
     "param_bytes",
+    "qgalore_bytes",
     "state_bytes",
     "tree_bytes",
 ]
@@ -375,3 +377,53 @@ def lorafa_bytes(params: Any, *, dtype: Any = None) -> int:
         for kp, x in flat
         if factor_of(path_str(kp)) != "a"
     )
+
+
+def qgalore_bytes(
+    params: Any,
+    *,
+    rank: int,
+    proj_bits: int = 4,
+    proj_group_size: int = 256,
+    pack_projector: bool = False,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    projector_dtype: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    queue_size: int = 5,
+) -> int:
+    """Q-GaLore's optimizer state: per targeted matrix the INT4 projector (one byte per code,
+    half with ``pack_projector``, plus a scale and a zero point per group in the projector's
+    dtype), 8-bit low-rank moments (as :func:`galore8bit_bytes`) and the lazy refresh's
+    bookkeeping (``3 + queue_size`` 4-byte numbers); 8-bit moments elsewhere."""
+    del proj_bits  # codes take a byte (or half of one packed) whatever the bit width
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "qgalore_bytes"):
+        if plan is None:
+            total += 2 * _quantized_bytes(_size(leaf), block_size, min_8bit_size)
+            continue
+        batch, n_in, n_out = plan
+        r = min(rank, n_in, n_out)
+        side = projection.choose_side(proj_type, n_in, n_out)
+        basis = {"in": n_in, "out": n_out, "both": n_in + n_out}[side]
+        kept = {"in": n_out, "out": n_in, "both": r}[side]
+        s_size = np.dtype(projector_dtype or leaf.dtype).itemsize
+        codes = basis * r // 2 if pack_projector else basis * r
+        groups = basis * r // proj_group_size
+        moment = _quantized_bytes(batch * r * kept, block_size, min_8bit_size)
+        total += batch * (codes + 2 * groups * s_size + 4 * (3 + queue_size)) + 2 * moment
+    return total
+
+
+def int8_weight_bytes(
+    params: Any, *, targets: Targets = None, dims: Any = None, group_size: int = 256
+) -> int:
+    """Parameter bytes with Q-GaLore's INT8 weights: one byte per targeted weight element plus
+    a bfloat16 scale and zero point per ``group_size`` elements; other leaves as they are."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "int8_weight_bytes"):
+        size = _size(leaf)
+        total += _nbytes(leaf) if plan is None else size + 4 * (size // group_size)
+    return total

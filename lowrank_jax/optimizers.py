@@ -23,10 +23,12 @@ from lowrank_jax.transforms._fira import fira
 from lowrank_jax.transforms._flora import scale_by_flora
 from lowrank_jax.transforms._galore import galore
 from lowrank_jax.transforms._golore import golore
+from lowrank_jax.transforms._int8_weights import stochastic_weight_update
 from lowrank_jax.transforms._lisa import LAYER_PATTERN, STACKED_PATTERN, lisa
 from lowrank_jax.transforms._lorafa import lorafa
 from lowrank_jax.transforms._loraplus import scale_by_allora, scale_by_loraplus
 from lowrank_jax.transforms._norm_scaling import scale_by_adam_bias_correction
+from lowrank_jax.transforms._qgalore import q_galore
 from lowrank_jax.transforms._torch_style import (
     decoupled_weight_decay,
     scale_by_adafactor_hf,
@@ -51,6 +53,7 @@ __all__ = [
     "lorafa_adamw",
     "loraplus_adamw",
     "owlore_adamw",
+    "q_galore_adamw_8bit",
 ]
 
 
@@ -1147,3 +1150,90 @@ def allora_adamw(
         scale_by_allora(eta),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def q_galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int | jax.Array = 200,
+    scale: float | jax.Array = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    proj_bits: int = 4,
+    proj_group_size: int = 256,
+    pack_projector: bool = False,
+    adaptive_refresh: AdaptiveRefresh | None = AdaptiveRefresh(),  # noqa: B008
+    int8_weights: Any = None,
+    stochastic_round: bool = True,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Q-GaLore: 8-bit GaLore with INT4 projectors, lazy refresh, and optionally INT8 weights.
+
+    .. math::
+        W \leftarrow Q_8\Bigl(\bigl(\hat W - \eta\,\alpha\,\hat P\,
+        \mathrm{Adam8bit}(\hat P^\top G)\bigr)(1 - \eta\lambda)\Bigr)
+
+    with :math:`\hat P` the dequantized INT4 basis (:func:`lowrank_jax.transforms.q_galore`)
+    and, when ``int8_weights`` is given, :math:`\hat W` the dequantized INT8 weight and
+    :math:`Q_8` stochastic rounding back to INT8
+    (:func:`lowrank_jax.transforms.stochastic_weight_update`). Then ``params`` passed to
+    ``update`` are :func:`lowrank_jax.transforms.quantize_weights` of the float ones (same
+    ``targets``/``dims``), the forward uses
+    :func:`lowrank_jax.transforms.dequantize_weights`, and ``optax.apply_updates`` writes the
+    new codes. Without ``int8_weights`` the weights stay float and decay applies to the
+    updated weights (as :func:`galore_adamw_8bit`). Defaults: the Q-GaLore repository's
+    (``run_pretrain.py``: β₂ 0.95, 4-bit projectors in groups of 256, threshold 0.4).
+
+    Args:
+      learning_rate: scalar or schedule.
+      rank, update_proj_gap, scale, proj_bits, proj_group_size, pack_projector,
+        adaptive_refresh, proj_type, targets, dims, seed: see
+        :func:`lowrank_jax.transforms.q_galore`.
+      b1, b2, eps, block_size, min_8bit_size: 8-bit Adam (:func:`lowrank_jax.scale_by_adam_8bit`).
+      weight_decay: decoupled decay of the updated weights.
+      int8_weights: the float parameters (or their ``ShapeDtypeStruct``) whose targeted
+        weights are stored INT8; ``None`` keeps float weights.
+      stochastic_round: stochastic rounding of the INT8 weights (else round to nearest).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, lowrank_jax as lr
+      >>> params = {"w": jnp.ones((64, 32))}
+      >>> qparams = lr.transforms.quantize_weights(params)
+      >>> tx = lr.q_galore_adamw_8bit(1e-3, rank=4, int8_weights=params, proj_group_size=64)
+      >>> updates, _ = tx.update(params, tx.init(params), qparams)
+      >>> optax.apply_updates(qparams, updates)["w"].codes.dtype
+      dtype('uint8')
+
+    References:
+      Zhang et al., "Q-GaLore", 2024; ``q-galore-torch`` 1.0 ``AdamW8bit``.
+    """
+    low = q_galore(
+        scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_bits=proj_bits,
+        proj_group_size=proj_group_size,
+        pack_projector=pack_projector,
+        adaptive_refresh=adaptive_refresh,
+        proj_type=proj_type,
+        targets=targets,
+        dims=dims,
+        seed=seed,
+    )
+    if int8_weights is None:
+        last = decoupled_weight_decay(learning_rate, weight_decay, after_update=True)
+    else:
+        last = stochastic_weight_update(
+            like=int8_weights, dims=dims, learning_rate=learning_rate,
+            weight_decay=weight_decay, stochastic=stochastic_round, seed=seed,
+        )
+    return optax.chain(low, optax.scale_by_learning_rate(learning_rate), last)

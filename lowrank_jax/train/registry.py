@@ -215,6 +215,14 @@ BUILTINS: tuple[Builtin, ...] = (
         ("seed", *_ADAM),
     ),
     Builtin(
+        "q_galore",
+        "lowrank_jax.optimizers:q_galore_adamw_8bit",
+        "lowrank_jax.q_galore_adamw_8bit (Q-GaLore: 8-bit GaLore, INT4 projectors, lazy "
+        "refresh; float weights)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+    ),
+    Builtin(
         "lisa",
         "lowrank_jax.optimizers:lisa_adamw",
         "lowrank_jax.lisa_adamw (2 sampled layers every 20 steps + embedding/norm/head; "

@@ -26,6 +26,12 @@ from lowrank_jax.transforms._flora import scale_by_flora as scale_by_flora
 from lowrank_jax.transforms._galore import GaLoreState as GaLoreState
 from lowrank_jax.transforms._galore import galore as galore
 from lowrank_jax.transforms._golore import golore as golore
+from lowrank_jax.transforms._int8_weights import StochasticWeightState as StochasticWeightState
+from lowrank_jax.transforms._int8_weights import dequantize_weights as dequantize_weights
+from lowrank_jax.transforms._int8_weights import quantize_weights as quantize_weights
+from lowrank_jax.transforms._int8_weights import (
+    stochastic_weight_update as stochastic_weight_update,
+)
 from lowrank_jax.transforms._lisa import LisaState as LisaState
 from lowrank_jax.transforms._lisa import lisa as lisa
 from lowrank_jax.transforms._lorafa import LoraFAState as LoraFAState
@@ -44,6 +50,11 @@ from lowrank_jax.transforms._norm_scaling import (
 from lowrank_jax.transforms._owlore import feature_norms as feature_norms
 from lowrank_jax.transforms._owlore import outlier_scores as outlier_scores
 from lowrank_jax.transforms._owlore import owl_probabilities as owl_probabilities
+from lowrank_jax.transforms._qgalore import QGaLoreState as QGaLoreState
+from lowrank_jax.transforms._qgalore import QuantizedGroups as QuantizedGroups
+from lowrank_jax.transforms._qgalore import dequantize_groups as dequantize_groups
+from lowrank_jax.transforms._qgalore import q_galore as q_galore
+from lowrank_jax.transforms._qgalore import quantize_groups as quantize_groups
 from lowrank_jax.transforms._torch_style import decoupled_weight_decay as decoupled_weight_decay
 from lowrank_jax.transforms._torch_style import scale_by_adafactor_hf as scale_by_adafactor_hf
 from lowrank_jax.transforms._torch_style import scale_by_adam_hf as scale_by_adam_hf
