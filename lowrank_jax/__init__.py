@@ -46,6 +46,7 @@ from lowrank_jax.transforms import owl_probabilities as owl_probabilities
 from lowrank_jax.transforms import scale_by_adafactor_hf as scale_by_adafactor_hf
 from lowrank_jax.transforms import scale_by_adam_8bit as scale_by_adam_8bit
 from lowrank_jax.transforms import scale_by_adam_hf as scale_by_adam_hf
+from lowrank_jax.transforms import sst_adamw as sst_adamw
 
 __version__ = "0.1.0"
 

@@ -41,6 +41,8 @@ __all__ = [
     "lorafa_bytes",
     "param_bytes",
     "qgalore_bytes",
+    "sst_bytes",
+    "sst_param_bytes",
     "state_bytes",
     "tree_bytes",
 ]
@@ -426,4 +428,33 @@ def int8_weight_bytes(
     for leaf, plan in _matrices(params, targets, dims, "int8_weight_bytes"):
         size = _size(leaf)
         total += _nbytes(leaf) if plan is None else size + 4 * (size // group_size)
+    return total
+
+
+def sst_bytes(params: Any, *, rank: int, targets: Targets = None) -> int:
+    """SST's optimizer state for the dense ``params`` it was built from: per targeted
+    ``m x n`` matrix (``k = min(m, n)``) float32 moments of ``σ`` and of the ``r`` sampled
+    columns of ``U`` and ``V`` -- ``2(r(m + n) + k)`` -- and ``r`` int32 indices; two float32
+    moments per element elsewhere."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, None, "sst_bytes"):
+        if plan is None:
+            total += 2 * 4 * _size(leaf)
+            continue
+        batch, n_in, n_out = plan
+        total += batch * (4 * 2 * (rank * (n_in + n_out) + min(n_in, n_out)) + 4 * rank)
+    return total
+
+
+def sst_param_bytes(params: Any, *, targets: Targets = None) -> int:
+    """The parameters in SST's spectral form: ``k(m + n + 1)`` per targeted ``m x n`` matrix
+    instead of ``mn`` (in the parameter dtype)."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, None, "sst_param_bytes"):
+        if plan is None:
+            total += _nbytes(leaf)
+            continue
+        batch, n_in, n_out = plan
+        k = min(n_in, n_out)
+        total += batch * k * (n_in + n_out + 1) * np.dtype(leaf.dtype).itemsize
     return total

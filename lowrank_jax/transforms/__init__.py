@@ -55,6 +55,12 @@ from lowrank_jax.transforms._qgalore import QuantizedGroups as QuantizedGroups
 from lowrank_jax.transforms._qgalore import dequantize_groups as dequantize_groups
 from lowrank_jax.transforms._qgalore import q_galore as q_galore
 from lowrank_jax.transforms._qgalore import quantize_groups as quantize_groups
+from lowrank_jax.transforms._sst import SSTFactors as SSTFactors
+from lowrank_jax.transforms._sst import SSTState as SSTState
+from lowrank_jax.transforms._sst import sst_adamw as sst_adamw
+from lowrank_jax.transforms._sst import sst_init as sst_init
+from lowrank_jax.transforms._sst import sst_merge as sst_merge
+from lowrank_jax.transforms._sst import sst_probabilities as sst_probabilities
 from lowrank_jax.transforms._torch_style import decoupled_weight_decay as decoupled_weight_decay
 from lowrank_jax.transforms._torch_style import scale_by_adafactor_hf as scale_by_adafactor_hf
 from lowrank_jax.transforms._torch_style import scale_by_adam_hf as scale_by_adam_hf
