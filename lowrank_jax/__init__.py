@@ -40,6 +40,7 @@ from lowrank_jax.transforms import decoupled_weight_decay as decoupled_weight_de
 from lowrank_jax.transforms import fira as fira
 from lowrank_jax.transforms import galore as galore
 from lowrank_jax.transforms import golore as golore
+from lowrank_jax.transforms import gradnorm_lorp_adamw as gradnorm_lorp_adamw
 from lowrank_jax.transforms import lisa as lisa
 from lowrank_jax.transforms import outlier_scores as outlier_scores
 from lowrank_jax.transforms import owl_probabilities as owl_probabilities

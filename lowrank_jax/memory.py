@@ -35,6 +35,7 @@ __all__ = [
     "flora_bytes",
     "galore8bit_bytes",
     "galore_bytes",
+    "gradnorm_lorp_bytes",
     "human",
     "int8_weight_bytes",
     "lisa_bytes",
@@ -457,4 +458,20 @@ def sst_param_bytes(params: Any, *, targets: Targets = None) -> int:
         batch, n_in, n_out = plan
         k = min(n_in, n_out)
         total += batch * k * (n_in + n_out + 1) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def gradnorm_lorp_bytes(
+    params: Any, *, rank: int, proj_type: str = "std", targets: Targets = None, dims: Any = None
+) -> int:
+    """GradNormLoRP's state: GaLore's (:func:`galore_bytes`, float32 moments of ``∇v``) plus
+    per targeted ``m x n`` matrix a float32 copy of ``v`` (``mn``), ``g`` and its two Adam
+    moments (``3m``, one per output unit)."""
+    total = galore_bytes(
+        params, rank=rank, proj_type=proj_type, targets=targets, dims=dims
+    )
+    for _, plan in _matrices(params, targets, dims, "gradnorm_lorp_bytes"):
+        if plan is not None:
+            batch, n_in, n_out = plan
+            total += 4 * batch * (n_in * n_out + 3 * n_out)
     return total

@@ -223,6 +223,15 @@ BUILTINS: tuple[Builtin, ...] = (
         (*_PROJECTED, "scale", *_ADAM),
     ),
     Builtin(
+        "gradnorm_lorp",
+        "lowrank_jax.transforms:gradnorm_lorp_adamw",
+        "lowrank_jax.gradnorm_lorp_adamw (GradNormLoRP: weight normalisation, GaLore on the "
+        "direction's gradient; --opt reference_quirks=true for the authors' code)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
         "lisa",
         "lowrank_jax.optimizers:lisa_adamw",
         "lowrank_jax.lisa_adamw (2 sampled layers every 20 steps + embedding/norm/head; "

@@ -26,6 +26,10 @@ from lowrank_jax.transforms._flora import scale_by_flora as scale_by_flora
 from lowrank_jax.transforms._galore import GaLoreState as GaLoreState
 from lowrank_jax.transforms._galore import galore as galore
 from lowrank_jax.transforms._golore import golore as golore
+from lowrank_jax.transforms._gradnorm_lorp import GradNormLoRPState as GradNormLoRPState
+from lowrank_jax.transforms._gradnorm_lorp import WeightNormLeaf as WeightNormLeaf
+from lowrank_jax.transforms._gradnorm_lorp import gradnorm_lorp_adamw as gradnorm_lorp_adamw
+from lowrank_jax.transforms._gradnorm_lorp import weight_norm as weight_norm
 from lowrank_jax.transforms._int8_weights import StochasticWeightState as StochasticWeightState
 from lowrank_jax.transforms._int8_weights import dequantize_weights as dequantize_weights
 from lowrank_jax.transforms._int8_weights import quantize_weights as quantize_weights

@@ -18,6 +18,7 @@ NAMES = [
     "flora",
     "badam",
     "q_galore",
+    "gradnorm_lorp",
 ]
 PARAMS = {
     "layers": {str(i): {"w": np.full((8, 6), 0.1 * (i + 1), np.float32)} for i in range(4)},
