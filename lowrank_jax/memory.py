@@ -400,7 +400,8 @@ def qgalore_bytes(
     """Q-GaLore's optimizer state: per targeted matrix the INT4 projector (one byte per code,
     half with ``pack_projector``, plus a scale and a zero point per group in the projector's
     dtype), 8-bit low-rank moments (as :func:`galore8bit_bytes`) and the lazy refresh's
-    bookkeeping (``3 + queue_size`` 4-byte numbers); 8-bit moments elsewhere."""
+    similarity queue (``queue_size`` floats, plus 3 int32 counters for stacked matrices;
+    an unstacked matrix's counters are 0-d bookkeeping); 8-bit moments elsewhere."""
     del proj_bits  # codes take a byte (or half of one packed) whatever the bit width
     total = 0
     for leaf, plan in _matrices(params, targets, dims, "qgalore_bytes"):
@@ -416,7 +417,9 @@ def qgalore_bytes(
         codes = basis * r // 2 if pack_projector else basis * r
         groups = basis * r // proj_group_size
         moment = _quantized_bytes(batch * r * kept, block_size, min_8bit_size)
-        total += batch * (codes + 2 * groups * s_size + 4 * (3 + queue_size)) + 2 * moment
+        # the refresh counters of an unstacked matrix are 0-d: bookkeeping, like step counts
+        counters = 3 if np.ndim(leaf) > 2 else 0
+        total += batch * (codes + 2 * groups * s_size + 4 * (counters + queue_size)) + 2 * moment
     return total
 
 
