@@ -150,7 +150,8 @@ def gradnorm_lorp_adamw(
         norms = treedef.flatten_up_to(core.init_leaves(params, leaf))
         for i, (p, x) in enumerate(zip(plans, leaves)):
             if p is not None:  # v = W, g = ‖W‖: the same weights, reparameterised
-                w = p.dims.to_canonical(x).astype(jnp.float32)
+                # a copy: a state that aliased the parameters could not be donated with them
+                w = jnp.array(p.dims.to_canonical(x), jnp.float32, copy=True)
                 norms[i] = norms[i]._replace(v=w, g=_norm(w))
         return GradNormLoRPState(**core.init(params), norm_state=treedef.unflatten(norms))
 
