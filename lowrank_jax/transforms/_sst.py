@@ -224,8 +224,8 @@ def sst_adamw(
             for f in leaves
         ])
         moments = lambda: treedef.unflatten([zeros(f) for f in leaves])
-        z = jnp.zeros([], jnp.int32)
-        return SSTState(z, new_key(seed), indices, z, z, moments(), moments())
+        z = lambda: jnp.zeros([], jnp.int32)  # three arrays: the state is donatable
+        return SSTState(z(), new_key(seed), indices, z(), z(), moments(), moments())
 
     def update_fn(updates: Any, state: SSTState, params: Any = None):
         if params is None:

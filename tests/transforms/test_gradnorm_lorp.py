@@ -101,3 +101,17 @@ def test_bad_inputs(key):
         lr.gradnorm_lorp_adamw(1e-2, rank=0)
     with pytest.raises(ValueError, match="structure"):
         tx.update({"w": params["w"]}, tx.init(params), params)
+
+
+def test_params_and_state_can_be_donated_together(key):
+    params = params_of(key)
+    tx = lr.gradnorm_lorp_adamw(1e-2, rank=2)
+    state = tx.init(params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    grads = grad_stream(params, 1)[0]
+    new, _ = jax.jit(step, donate_argnums=(0, 1))(jax.tree.map(jnp.copy, params), state, grads)
+    assert new["w"].shape == (16, 8)

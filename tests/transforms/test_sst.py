@@ -115,3 +115,11 @@ def test_bad_inputs(key):
     with pytest.raises(ValueError, match="parameters"):
         tx = sst_adamw(1e-2, rank=2)
         tx.update(dense, tx.init(sst_init(dense)))
+
+
+def test_state_can_be_donated(key):
+    params = sst_init(dense_params(key))
+    tx = sst_adamw(1e-2, rank=2)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
+    _, state = step(params, tx.init(params), jax.grad(loss)(sst_merge(params)))
+    assert int(state.column_count) == 1
