@@ -25,6 +25,9 @@ from lowrank_jax.transforms._flora import flora_projection as flora_projection
 from lowrank_jax.transforms._flora import scale_by_flora as scale_by_flora
 from lowrank_jax.transforms._galore import GaLoreState as GaLoreState
 from lowrank_jax.transforms._galore import galore as galore
+from lowrank_jax.transforms._ggpo import GGPOState as GGPOState
+from lowrank_jax.transforms._ggpo import ggpo_perturb as ggpo_perturb
+from lowrank_jax.transforms._ggpo import lora_ggpo as lora_ggpo
 from lowrank_jax.transforms._golore import golore as golore
 from lowrank_jax.transforms._gradnorm_lorp import GradNormLoRPState as GradNormLoRPState
 from lowrank_jax.transforms._gradnorm_lorp import WeightNormLeaf as WeightNormLeaf
