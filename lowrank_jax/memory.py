@@ -35,6 +35,7 @@ __all__ = [
     "flora_bytes",
     "galore8bit_bytes",
     "galore_bytes",
+    "ggpo_bytes",
     "gradnorm_lorp_bytes",
     "human",
     "int8_weight_bytes",
@@ -478,3 +479,18 @@ def gradnorm_lorp_bytes(
             batch, n_in, n_out = plan
             total += 4 * batch * (n_in * n_out + 3 * n_out)
     return total
+
+
+def ggpo_bytes(adapters: Any, *, inner_bytes: Any = None) -> int:
+    """LoRA-GGPO's state over an adapter tree: the inner optimizer's (default
+    :func:`adamw_bytes`) plus two float32 norms per output unit of each adapter (``2·out``)."""
+    from lowrank_jax.transforms._lora_factors import factor_of
+
+    inner_bytes = inner_bytes or adamw_bytes
+    flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
+    extra = sum(
+        2 * 4 * int(math.prod(np.shape(x)[:-2])) * np.shape(x)[-1]
+        for kp, x in flat
+        if factor_of(path_str(kp)) == "b"
+    )
+    return inner_bytes(adapters) + extra

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from lowrank_jax import reparam
+from lowrank_jax import memory, reparam
 from lowrank_jax.transforms import ggpo_perturb, lora_ggpo
 from tests.helpers import assert_same_types, orbax_roundtrip
 
@@ -63,6 +63,8 @@ def test_with_functional_adapters_jit_and_roundtrip(key, tmp_path):
     assert int(state.count) == 3
     assert float(jnp.sum(state.grad_norms["layers/q_proj/kernel"])) > 0
     assert_same_types(orbax_roundtrip(state, tmp_path), state)
+    measured = memory.state_bytes(tx, adapters.trainable, scalars=False)
+    assert measured == memory.ggpo_bytes(adapters.trainable) == (2 * 2 * (8 + 6) + 2 * 6) * 4
 
 
 def test_bad_inputs():
