@@ -49,7 +49,7 @@ from lowrank_jax.optimizers import (
     loraplus_adamw,
     q_galore_adamw_8bit,
 )
-from lowrank_jax.transforms import gradnorm_lorp_adamw, sst_adamw, sst_init
+from lowrank_jax.transforms import gradnorm_lorp_adamw, lora_ggpo, sst_adamw, sst_init
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 # GaLore paper Table 2: weights + optimizer states, BF16, GB.
@@ -197,6 +197,13 @@ METHODS = {
         "ALLoRA (adapters)",
         lambda rank: allora_adamw(1e-3),
         lambda shapes, rank: lr.memory.adamw_bytes(lora_adapters(shapes, rank)),
+        tree=lora_adapters,
+        weights=lora_weights,
+    ),
+    "lora_ggpo": Method(
+        "LoRA-GGPO (adapt.)",
+        lambda rank: lora_ggpo(optax.adamw(1e-3)),
+        lambda shapes, rank: lr.memory.ggpo_bytes(lora_adapters(shapes, rank)),
         tree=lora_adapters,
         weights=lora_weights,
     ),
