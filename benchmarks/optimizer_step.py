@@ -241,19 +241,19 @@ def main() -> None:
     base = statistics.median(results["optax.adamw"]["seconds"])
     print(f"\n{args.model}, rank {args.rank}, T={args.gap}; {jax.devices()[0].device_kind}, "
           f"{platform.machine()}; median of {args.rounds} x {args.steps} steady-state steps")
-    print(f"{'optimizer':<28}{'step / optax.adamw':>20}{'state':>12}")
+    print(f"{'optimizer':<34}{'step / optax.adamw':>20}{'state':>12}")
     for name, r in results.items():
         r["median_seconds"] = statistics.median(r["seconds"])
         r["ratio_to_optax_adamw"] = r["median_seconds"] / base
         state = lr.memory.human(r["state_bytes"]) if r["state_bytes"] else "-"
-        print(f"{name:<28}{r['ratio_to_optax_adamw']:>19.2f}x{state:>12}")
+        print(f"{name:<34}{r['ratio_to_optax_adamw']:>19.2f}x{state:>12}")
     if "galore_torch.GaLoreAdamW" in results:
         ratio = (results["galore_torch.GaLoreAdamW"]["median_seconds"]
                  / results["torch.optim.AdamW"]["median_seconds"])
-        print(f"{'galore-torch / torch AdamW':<28}{ratio:>19.2f}x")
+        print(f"{'galore-torch / torch AdamW':<34}{ratio:>19.2f}x")
     ours = results["lowrank_jax.galore_adamw"]["median_seconds"]
     theirs = results["optax.contrib.galore"]["median_seconds"]
-    print(f"{'lowrank_jax / optax galore':<28}{ours / theirs:>19.2f}x")
+    print(f"{'lowrank_jax / optax galore':<34}{ours / theirs:>19.2f}x")
     print(f"\nprojector refresh (all {args.model} matrices), ratio to exact SVD:")
     for kind, seconds in refresh.items():
         print(f"  {kind:<12}{seconds / refresh['svd']:>8.3f}x")
