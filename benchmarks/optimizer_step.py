@@ -2,8 +2,10 @@
 
 Steady-state step (jitted, params and state donated, no projector refresh) for optax.adamw,
 optax.contrib.galore, lowrank_jax.galore_adamw (and galore-torch next to torch's AdamW when
-torch is installed), Fira, APOLLO, APOLLO-Mini, 8-bit AdamW, 8-bit GaLore and LISA (no
-resampling in the timed steps either), every time also as a ratio to optax.adamw measured in
+torch is installed), Fira, APOLLO, APOLLO-Mini, 8-bit AdamW, 8-bit GaLore, LISA (no
+resampling in the timed steps either), GaLore 2, GoLore (random phase), Flora, BAdam, Q-GaLore
+(INT4 projectors, float weights), GradNormLoRP and SST (no resampling or re-SVD timed), every
+time also as a ratio to optax.adamw measured in
 the same run; plus the cost of one projector refresh per basis kind. Embeddings, head and
 norms are not projected by any of the GaLore variants.
 
@@ -36,10 +38,16 @@ from lowrank_jax.optimizers import (
     adamw_8bit,
     apollo_adamw,
     apollo_mini,
+    badam_adamw,
     fira_adamw,
+    flora_adafactor,
+    galore2_adamw,
     galore_adamw_8bit,
+    golore_adamw,
     lisa_adamw,
+    q_galore_adamw_8bit,
 )
+from lowrank_jax.transforms import gradnorm_lorp_adamw, sst_adamw, sst_init
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 
@@ -84,7 +92,26 @@ def candidates(
             1e-3, rank=rank, update_proj_gap=gap, weight_decay=0.0
         ),
         "lowrank_jax.lisa_adamw": lambda: lisa_adamw(1e-3, n_active=2, interval=gap),
+        "lowrank_jax.galore2_adamw": lambda: galore2_adamw(1e-3, rank=rank, update_proj_gap=gap),
+        "lowrank_jax.golore_adamw": lambda: golore_adamw(
+            1e-3, rank=rank, update_proj_gap=gap, random_after=0
+        ),
+        "lowrank_jax.flora_adafactor": lambda: flora_adafactor(1e-3, rank=rank, kappa=gap),
+        "lowrank_jax.badam_adamw": lambda: badam_adamw(1e-3, switch_every=gap),
+        "lowrank_jax.q_galore_adamw_8bit": lambda: q_galore_adamw_8bit(
+            1e-3, rank=rank, update_proj_gap=gap
+        ),
+        "lowrank_jax.gradnorm_lorp_adamw": lambda: gradnorm_lorp_adamw(
+            1e-3, rank=rank, update_proj_gap=gap
+        ),
+        # SST updates its spectral factors (sst_init) from the dense gradient
+        "lowrank_jax.sst_adamw": lambda: sst_adamw(1e-3, rank=rank, iteration=gap),
     }
+
+
+# the optimizers whose parameters are not the dense ones: how to build them
+PARAMS_OF = {"lowrank_jax.sst_adamw": sst_init}
+
 
 
 def time_jax(make_tx, params, grads, rounds: int, steps: int) -> tuple[list[float], int]:
@@ -202,7 +229,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     txs = candidates(args.rank, args.gap, shapes)
     for name, make_tx in txs.items():
-        times, state = time_jax(make_tx, params, grads, args.rounds, args.steps)
+        start = PARAMS_OF.get(name, lambda p: p)(params)
+        times, state = time_jax(make_tx, start, grads, args.rounds, args.steps)
         results[name] = {"seconds": times, "state_bytes": state}
     have_torch = all(importlib.util.find_spec(m) for m in ("torch", "galore_torch"))
     if have_torch and not args.no_torch:
@@ -213,19 +241,19 @@ def main() -> None:
     base = statistics.median(results["optax.adamw"]["seconds"])
     print(f"\n{args.model}, rank {args.rank}, T={args.gap}; {jax.devices()[0].device_kind}, "
           f"{platform.machine()}; median of {args.rounds} x {args.steps} steady-state steps")
-    print(f"{'optimizer':<28}{'step / optax.adamw':>20}{'state':>12}")
+    print(f"{'optimizer':<34}{'step / optax.adamw':>20}{'state':>12}")
     for name, r in results.items():
         r["median_seconds"] = statistics.median(r["seconds"])
         r["ratio_to_optax_adamw"] = r["median_seconds"] / base
         state = lr.memory.human(r["state_bytes"]) if r["state_bytes"] else "-"
-        print(f"{name:<28}{r['ratio_to_optax_adamw']:>19.2f}x{state:>12}")
+        print(f"{name:<34}{r['ratio_to_optax_adamw']:>19.2f}x{state:>12}")
     if "galore_torch.GaLoreAdamW" in results:
         ratio = (results["galore_torch.GaLoreAdamW"]["median_seconds"]
                  / results["torch.optim.AdamW"]["median_seconds"])
-        print(f"{'galore-torch / torch AdamW':<28}{ratio:>19.2f}x")
+        print(f"{'galore-torch / torch AdamW':<34}{ratio:>19.2f}x")
     ours = results["lowrank_jax.galore_adamw"]["median_seconds"]
     theirs = results["optax.contrib.galore"]["median_seconds"]
-    print(f"{'lowrank_jax / optax galore':<28}{ours / theirs:>19.2f}x")
+    print(f"{'lowrank_jax / optax galore':<34}{ours / theirs:>19.2f}x")
     print(f"\nprojector refresh (all {args.model} matrices), ratio to exact SVD:")
     for kind, seconds in refresh.items():
         print(f"  {kind:<12}{seconds / refresh['svd']:>8.3f}x")

@@ -8,11 +8,15 @@ method's analytic count; the paper's published totals (GaLore Table 2) sit next 
     python experiments/memory_table.py            # prints the table, writes JSON
 
 Ranks follow the paper: 128 / 256 / 256 / 512 for 60M / 130M / 350M / 1B (Table 2) and 1024
-for 7B (Table 3). Embeddings, the LM head and norms keep full AdamW states (the reference
-targets only attention and MLP matrices). Fira, APOLLO and 8-bit GaLore use the same ranks;
-APOLLO-Mini rank 1; LISA two sampled layers; the 8-bit rows quantize every moment of 4096+
-elements. Published totals: GaLore Table 2 (60M-1B) and Table 3 (7B, 8-bit), APOLLO Table 2
-for Fira / APOLLO / APOLLO-Mini (same weights + states accounting).
+for 7B (Table 3); the wave-2 methods (GaLore 2, GoLore, Flora, Q-GaLore, GradNormLoRP, SST and
+the LoRA-side optimizers on rank-r adapters) use the same ranks, BAdam one layer block. Q-GaLore
+stores INT8 attention/MLP weights, SST the spectral factors, the LoRA rows a frozen BF16 base
+plus the adapters: their "total" counts those weights. Embeddings, the LM head and norms keep
+full AdamW states (the reference targets only attention and MLP matrices). Fira, APOLLO and
+8-bit GaLore use the same ranks; APOLLO-Mini rank 1; LISA two sampled layers; the 8-bit rows
+quantize every moment of 4096+ elements. Published totals: GaLore Table 2 (60M-1B) and Table 3
+(7B, 8-bit), APOLLO Table 2 for Fira / APOLLO / APOLLO-Mini, Q-GaLore Tables 1-2 (same weights +
+states accounting).
 """
 
 from __future__ import annotations
@@ -31,12 +35,21 @@ import lowrank_jax as lr
 from lowrank_jax.models.llama import Llama, get_config
 from lowrank_jax.optimizers import (
     adamw_8bit,
+    allora_adamw,
     apollo_adamw,
     apollo_mini,
+    badam_adamw,
     fira_adamw,
+    flora_adafactor,
+    galore2_adamw,
     galore_adamw_8bit,
+    golore_adamw,
     lisa_adamw,
+    lorafa_adamw,
+    loraplus_adamw,
+    q_galore_adamw_8bit,
 )
+from lowrank_jax.transforms import gradnorm_lorp_adamw, lora_ggpo, sst_adamw, sst_init
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 # GaLore paper Table 2: weights + optimizer states, BF16, GB.
@@ -51,6 +64,9 @@ PAPER_TOTAL_GB = {
     "fira": {"llama_60m": 0.24, "llama_130m": 0.52, "llama_350m": 1.22, "llama_1b": 4.38},
     "apollo": {"llama_60m": 0.24, "llama_130m": 0.52, "llama_350m": 1.22, "llama_1b": 4.38},
     "apollo_mini": {"llama_60m": 0.12, "llama_130m": 0.25, "llama_350m": 0.69, "llama_1b": 2.60},
+    # Q-GaLore Table 1 (INT8 weights + states; 7B: Table 2, the measured ~15 GB of a whole run)
+    "q_galore": {"llama_60m": 0.18, "llama_130m": 0.39, "llama_350m": 0.88, "llama_1b": 3.08,
+                 "llama_7b": 15.0},
 }
 # GaLore abstract: 8-bit GaLore cuts optimizer memory by up to 82.5% and total memory by 63.3%
 # (7B, against BF16 AdamW).
@@ -59,11 +75,36 @@ OUT = pathlib.Path(__file__).parent / "results" / "memory_table.json"
 
 
 class Method(NamedTuple):
-    """A row: the optax transformation and the analytic count its state must equal."""
+    """A row: the optax transformation and the analytic count its state must equal.
+
+    ``tree`` maps the dense shapes to what the optimizer sees (SST's spectral factors, LoRA
+    adapters); ``weights`` gives the stored weights' bytes (Q-GaLore's INT8, SST's factors,
+    a frozen base plus adapters) when they are not the dense BF16 ones.
+    """
 
     label: str
     make_tx: Callable[[int], optax.GradientTransformation]
     analytic: Callable[[dict, int], int]
+    tree: Callable[[dict, int], dict] | None = None
+    weights: Callable[[dict, int], int] | None = None
+
+
+def lora_adapters(shapes: dict, rank: int) -> dict:
+    """``{path: {"A": (in, r), "B": (r, out)}}`` for every targeted matrix (LoRA's trainables)."""
+    mask = jax.tree.leaves(lr.targets.resolve(None, shapes))
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {
+        lr.targets.path_str(kp): {
+            "A": jax.ShapeDtypeStruct((*x.shape[:-1], rank), x.dtype),
+            "B": jax.ShapeDtypeStruct((*x.shape[:-2], rank, x.shape[-1]), x.dtype),
+        }
+        for (kp, x), m in zip(flat, mask)
+        if m
+    }
+
+
+def lora_weights(shapes: dict, rank: int) -> int:
+    return lr.memory.param_bytes(shapes) + lr.memory.tree_bytes(lora_adapters(shapes, rank))
 
 
 METHODS = {
@@ -107,6 +148,72 @@ METHODS = {
         lambda rank: lisa_adamw(1e-3, n_active=2),
         lambda shapes, rank: lr.memory.lisa_bytes(shapes, n_active=2),
     ),
+    "galore2": Method(
+        "GaLore 2 (rSVD)",
+        lambda rank: galore2_adamw(1e-3, rank=rank),
+        lambda shapes, rank: lr.memory.galore_bytes(shapes, rank=rank),
+    ),
+    "golore": Method(
+        "GoLore",
+        lambda rank: golore_adamw(1e-3, rank=rank, random_after=1000),
+        lambda shapes, rank: lr.memory.galore_bytes(shapes, rank=rank),
+    ),
+    "flora": Method(
+        "Flora",
+        lambda rank: flora_adafactor(1e-3, rank=rank),
+        lambda shapes, rank: lr.memory.flora_bytes(shapes, rank=rank),
+    ),
+    "badam": Method(
+        "BAdam (1 block)",
+        lambda rank: badam_adamw(1e-3),
+        lambda shapes, rank: lr.memory.badam_bytes(shapes),
+    ),
+    "q_galore": Method(
+        "Q-GaLore (INT8 W)",
+        lambda rank: q_galore_adamw_8bit(1e-3, rank=rank),
+        lambda shapes, rank: lr.memory.qgalore_bytes(shapes, rank=rank),
+        weights=lambda shapes, rank: lr.memory.int8_weight_bytes(shapes),
+    ),
+    "gradnorm_lorp": Method(
+        "GradNormLoRP",
+        lambda rank: gradnorm_lorp_adamw(1e-3, rank=rank),
+        lambda shapes, rank: lr.memory.gradnorm_lorp_bytes(shapes, rank=rank),
+    ),
+    "sst": Method(
+        "SST (spectral W)",
+        lambda rank: sst_adamw(1e-3, rank=rank),
+        lambda shapes, rank: lr.memory.sst_bytes(shapes, rank=rank),
+        tree=lambda shapes, rank: jax.eval_shape(sst_init, shapes),
+        weights=lambda shapes, rank: lr.memory.sst_param_bytes(shapes),
+    ),
+    "loraplus": Method(
+        "LoRA+ (adapters)",
+        lambda rank: loraplus_adamw(1e-3),
+        lambda shapes, rank: lr.memory.adamw_bytes(lora_adapters(shapes, rank)),
+        tree=lora_adapters,
+        weights=lora_weights,
+    ),
+    "allora": Method(
+        "ALLoRA (adapters)",
+        lambda rank: allora_adamw(1e-3),
+        lambda shapes, rank: lr.memory.adamw_bytes(lora_adapters(shapes, rank)),
+        tree=lora_adapters,
+        weights=lora_weights,
+    ),
+    "lora_ggpo": Method(
+        "LoRA-GGPO (adapt.)",
+        lambda rank: lora_ggpo(optax.adamw(1e-3)),
+        lambda shapes, rank: lr.memory.ggpo_bytes(lora_adapters(shapes, rank)),
+        tree=lora_adapters,
+        weights=lora_weights,
+    ),
+    "lorafa": Method(
+        "LoRA-FA (adapters)",
+        lambda rank: lorafa_adamw(1e-3),
+        lambda shapes, rank: lr.memory.lorafa_bytes(lora_adapters(shapes, rank)),
+        tree=lora_adapters,
+        weights=lora_weights,
+    ),
 }
 
 
@@ -125,13 +232,16 @@ def table() -> dict:
         row = {"rank": rank, "params": sum(x.size for x in jax.tree.leaves(shapes)),
                "weights_bytes": weights}
         for name, method in METHODS.items():
-            measured = lr.memory.state_bytes(method.make_tx(rank), shapes, scalars=False)
+            tree = shapes if method.tree is None else method.tree(shapes, rank)
+            measured = lr.memory.state_bytes(method.make_tx(rank), tree, scalars=False)
             analytic = method.analytic(shapes, rank)
             if measured != analytic:
                 raise AssertionError(f"{name} on {model}: state {measured} != analytic {analytic}")
+            stored = weights if method.weights is None else method.weights(shapes, rank)
             row[name] = {
                 "state_bytes": measured,
-                "total_bytes": weights + measured,
+                "weights_bytes": stored,
+                "total_bytes": stored + measured,
                 "paper_total_gb": PAPER_TOTAL_GB.get(name, {}).get(model),
             }
         rows[model] = row
@@ -164,6 +274,12 @@ def main() -> None:
         print(f"\n7B: 8-bit GaLore states are {100 * saving:.1f}% below BF16 AdamW's (BF16 "
               f"projector); {100 * (1 - int8_projector / adamw):.1f}% if the projector were 8-bit "
               f"too. Paper: {100 * PAPER_8BIT_GALORE_STATE_SAVING:.1f}%.")
+    if seven and "q_galore" in seven:
+        q = seven["q_galore"]
+        print(f"7B Q-GaLore (rank {seven['rank']}): INT8 weights {gb(q['weights_bytes'])} GB + "
+              f"states {gb(q['state_bytes'])} GB = {gb(q['total_bytes'])} GB persistent; the "
+              f"paper measures ~{PAPER_TOTAL_GB['q_galore']['llama_7b']:.0f} GB for a whole run "
+              "(activations and transient gradients included).")
     print("\nEvery state above is measured with jax.eval_shape on the real transformation and "
           "equals its analytic count exactly.")
     OUT.parent.mkdir(exist_ok=True)

@@ -23,20 +23,30 @@ import jax
 import numpy as np
 
 from lowrank_jax import projection
-from lowrank_jax.targets import Targets, resolve, resolve_dims
+from lowrank_jax.targets import Targets, path_str, resolve, resolve_dims
 
 __all__ = [
     "CompiledMemory",
     "adam8bit_bytes",
     "adamw_bytes",
     "apollo_bytes",
+    "badam_bytes",
     "compiled_memory",
     "fira_bytes",
+    "flora_accumulation_bytes",
+    "flora_bytes",
     "galore8bit_bytes",
     "galore_bytes",
+    "ggpo_bytes",
+    "gradnorm_lorp_bytes",
     "human",
+    "int8_weight_bytes",
     "lisa_bytes",
+    "lorafa_bytes",
     "param_bytes",
+    "qgalore_bytes",
+    "sst_bytes",
+    "sst_param_bytes",
     "state_bytes",
     "tree_bytes",
 ]
@@ -333,3 +343,204 @@ def compiled_memory(fn: Any, *args: Any, **kwargs: Any) -> CompiledMemory:
         int(stats.temp_size_in_bytes),
         int(stats.generated_code_size_in_bytes),
     )
+
+
+def _flora_buffer(leaf: Any, plan: Any, rank: int, proj_type: str = "std") -> int:
+    """Elements of Flora's compressed buffer of a leaf (full size when not compressed)."""
+    if plan is None:
+        return _size(leaf)
+    batch, n_in, n_out = plan
+    if min(n_in, n_out) < rank:
+        return _size(leaf)
+    side = projection.choose_side(proj_type, n_in, n_out)
+    return batch * rank * (n_out if side == "in" else n_in)
+
+
+def flora_bytes(
+    params: Any,
+    *,
+    rank: int,
+    momentum: bool = True,
+    targets: Targets = None,
+    dims: Any = None,
+    momentum_dtype: Any = np.float32,
+) -> int:
+    """Flora's state: Adafactor's float32 row and column statistics (``m + n`` per matrix,
+    full size for vectors) plus the momentum, compressed to ``r·max(m, n)`` for targeted
+    matrices with ``min(m, n) >= r`` and full size elsewhere (none without ``momentum``)."""
+    m_size = np.dtype(momentum_dtype).itemsize
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "flora_bytes"):
+        shape = tuple(np.shape(leaf))
+        if len(shape) >= 2:
+            total += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+        else:
+            total += 4 * _size(leaf)
+        if momentum:
+            total += m_size * _flora_buffer(leaf, plan, rank)
+    return total
+
+
+def flora_accumulation_bytes(
+    params: Any, *, rank: int, targets: Targets = None, dims: Any = None, dtype: Any = np.float32
+) -> int:
+    """Flora's compressed gradient-accumulation buffers (without the wrapped optimizer's
+    state): ``r·max(m, n)`` per targeted matrix with ``min(m, n) >= r``, full size elsewhere."""
+    size = np.dtype(dtype).itemsize
+    return sum(
+        size * _flora_buffer(leaf, plan, rank)
+        for leaf, plan in _matrices(params, targets, dims, "flora_accumulation_bytes")
+    )
+
+
+def badam_bytes(
+    params: Any,
+    *,
+    train_non_layer: bool = True,
+    layer_bytes: Any = None,
+    always_bytes: Any = None,
+    layer_pattern: str | None = None,
+    stacked_pattern: str | None = "default",
+    always_active: Targets = None,
+) -> int:
+    """BAdam's state: the inner state of **one** layer block (plus one int32 block index) and
+    that of the always-active non-layer leaves (none with ``train_non_layer=False``); arguments
+    as :func:`lisa_bytes`."""
+    layer_bytes = layer_bytes or adamw_bytes
+    if not train_non_layer:
+        always_bytes = lambda tree: 0  # noqa: E731
+    return lisa_bytes(
+        params,
+        n_active=1,
+        layer_bytes=layer_bytes,
+        always_bytes=always_bytes,
+        layer_pattern=layer_pattern,
+        stacked_pattern=stacked_pattern,
+        always_active=always_active,
+    )
+
+
+def lorafa_bytes(params: Any, *, dtype: Any = None) -> int:
+    """LoRA-FA's state over an adapter tree: two moments per leaf except the frozen ``A``
+    factors (none: they get no gradient and no state)."""
+    from lowrank_jax.transforms._lora_factors import factor_of
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(
+        2 * _size(x) * np.dtype(dtype or x.dtype).itemsize
+        for kp, x in flat
+        if factor_of(path_str(kp)) != "a"
+    )
+
+
+def qgalore_bytes(
+    params: Any,
+    *,
+    rank: int,
+    proj_bits: int = 4,
+    proj_group_size: int = 256,
+    pack_projector: bool = False,
+    proj_type: str = "std",
+    targets: Targets = None,
+    dims: Any = None,
+    projector_dtype: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    queue_size: int = 5,
+) -> int:
+    """Q-GaLore's optimizer state: per targeted matrix the INT4 projector (one byte per code,
+    half with ``pack_projector``, plus a scale and a zero point per group in the projector's
+    dtype), 8-bit low-rank moments (as :func:`galore8bit_bytes`) and the lazy refresh's
+    similarity queue (``queue_size`` floats, plus 3 int32 counters for stacked matrices;
+    an unstacked matrix's counters are 0-d bookkeeping); 8-bit moments elsewhere."""
+    del proj_bits  # codes take a byte (or half of one packed) whatever the bit width
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "qgalore_bytes"):
+        if plan is None:
+            total += 2 * _quantized_bytes(_size(leaf), block_size, min_8bit_size)
+            continue
+        batch, n_in, n_out = plan
+        r = min(rank, n_in, n_out)
+        side = projection.choose_side(proj_type, n_in, n_out)
+        basis = {"in": n_in, "out": n_out, "both": n_in + n_out}[side]
+        kept = {"in": n_out, "out": n_in, "both": r}[side]
+        s_size = np.dtype(projector_dtype or leaf.dtype).itemsize
+        codes = basis * r // 2 if pack_projector else basis * r
+        groups = basis * r // proj_group_size
+        moment = _quantized_bytes(batch * r * kept, block_size, min_8bit_size)
+        # the refresh counters of an unstacked matrix are 0-d: bookkeeping, like step counts
+        counters = 3 if np.ndim(leaf) > 2 else 0
+        total += batch * (codes + 2 * groups * s_size + 4 * (counters + queue_size)) + 2 * moment
+    return total
+
+
+def int8_weight_bytes(
+    params: Any, *, targets: Targets = None, dims: Any = None, group_size: int = 256
+) -> int:
+    """Parameter bytes with Q-GaLore's INT8 weights: one byte per targeted weight element plus
+    a bfloat16 scale and zero point per ``group_size`` elements; other leaves as they are."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, dims, "int8_weight_bytes"):
+        size = _size(leaf)
+        total += _nbytes(leaf) if plan is None else size + 4 * (size // group_size)
+    return total
+
+
+def sst_bytes(params: Any, *, rank: int, targets: Targets = None) -> int:
+    """SST's optimizer state for the dense ``params`` it was built from: per targeted
+    ``m x n`` matrix (``k = min(m, n)``) float32 moments of ``σ`` and of the ``r`` sampled
+    columns of ``U`` and ``V`` -- ``2(r(m + n) + k)`` -- and ``r`` int32 indices; two float32
+    moments per element elsewhere."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, None, "sst_bytes"):
+        if plan is None:
+            total += 2 * 4 * _size(leaf)
+            continue
+        batch, n_in, n_out = plan
+        total += batch * (4 * 2 * (rank * (n_in + n_out) + min(n_in, n_out)) + 4 * rank)
+    return total
+
+
+def sst_param_bytes(params: Any, *, targets: Targets = None) -> int:
+    """The parameters in SST's spectral form: ``k(m + n + 1)`` per targeted ``m x n`` matrix
+    instead of ``mn`` (in the parameter dtype)."""
+    total = 0
+    for leaf, plan in _matrices(params, targets, None, "sst_param_bytes"):
+        if plan is None:
+            total += _nbytes(leaf)
+            continue
+        batch, n_in, n_out = plan
+        k = min(n_in, n_out)
+        total += batch * k * (n_in + n_out + 1) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def gradnorm_lorp_bytes(
+    params: Any, *, rank: int, proj_type: str = "std", targets: Targets = None, dims: Any = None
+) -> int:
+    """GradNormLoRP's state: GaLore's (:func:`galore_bytes`, float32 moments of ``∇v``) plus
+    per targeted ``m x n`` matrix a float32 copy of ``v`` (``mn``), ``g`` and its two Adam
+    moments (``3m``, one per output unit)."""
+    total = galore_bytes(
+        params, rank=rank, proj_type=proj_type, targets=targets, dims=dims
+    )
+    for _, plan in _matrices(params, targets, dims, "gradnorm_lorp_bytes"):
+        if plan is not None:
+            batch, n_in, n_out = plan
+            total += 4 * batch * (n_in * n_out + 3 * n_out)
+    return total
+
+
+def ggpo_bytes(adapters: Any, *, inner_bytes: Any = None) -> int:
+    """LoRA-GGPO's state over an adapter tree: the inner optimizer's (default
+    :func:`adamw_bytes`) plus two float32 norms per output unit of each adapter (``2·out``)."""
+    from lowrank_jax.transforms._lora_factors import factor_of
+
+    inner_bytes = inner_bytes or adamw_bytes
+    flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
+    extra = sum(
+        2 * 4 * int(math.prod(np.shape(x)[:-2])) * np.shape(x)[-1]
+        for kp, x in flat
+        if factor_of(path_str(kp)) == "b"
+    )
+    return inner_bytes(adapters) + extra

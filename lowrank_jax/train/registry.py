@@ -182,6 +182,56 @@ BUILTINS: tuple[Builtin, ...] = (
         (*_PROJECTED, "scale", *_ADAM),
     ),
     Builtin(
+        "galore2",
+        "lowrank_jax.optimizers:galore2_adamw",
+        "lowrank_jax.galore2_adamw (GaLore 2: GaLore-AdamW with randomized-SVD refreshes)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
+        "golore",
+        "lowrank_jax.optimizers:golore_adamw",
+        "lowrank_jax.golore_adamw (GoLore: SVD bases, random ones after 80% of the run; "
+        "--opt random_ratio=...)",
+        1e-2,
+        (*_PROJECTED, "scale", "total_steps", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
+        "flora",
+        "lowrank_jax.optimizers:flora_adafactor",
+        "lowrank_jax.flora_adafactor (Flora: Adafactor, momentum compressed by regenerated "
+        "random projections; --opt kappa=...)",
+        1e-2,
+        ("rank", "seed", "weight_decay"),
+    ),
+    Builtin(
+        "badam",
+        "lowrank_jax.optimizers:badam_adamw",
+        "lowrank_jax.badam_adamw (BAdam: one layer block at a time, ascending, switched every "
+        "50 steps; --opt switch_every=... order=...)",
+        1e-3,
+        ("seed", *_ADAM),
+    ),
+    Builtin(
+        "q_galore",
+        "lowrank_jax.optimizers:q_galore_adamw_8bit",
+        "lowrank_jax.q_galore_adamw_8bit (Q-GaLore: 8-bit GaLore, INT4 projectors, lazy "
+        "refresh; float weights)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+    ),
+    Builtin(
+        "gradnorm_lorp",
+        "lowrank_jax.transforms:gradnorm_lorp_adamw",
+        "lowrank_jax.gradnorm_lorp_adamw (GradNormLoRP: weight normalisation, GaLore on the "
+        "direction's gradient; --opt reference_quirks=true for the authors' code)",
+        1e-2,
+        (*_PROJECTED, "scale", *_ADAM),
+        eps=1e-6,
+    ),
+    Builtin(
         "lisa",
         "lowrank_jax.optimizers:lisa_adamw",
         "lowrank_jax.lisa_adamw (2 sampled layers every 20 steps + embedding/norm/head; "

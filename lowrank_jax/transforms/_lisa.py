@@ -16,7 +16,16 @@ from lowrank_jax.targets import Targets, path_str, resolve
 from lowrank_jax.transforms._common import MaskedNode, new_key, safe_increment, wrap_key
 from lowrank_jax.transforms._lowrank import _check_int
 
-__all__ = ["LAYER_PATTERN", "STACKED_PATTERN", "LayerPartition", "LisaState", "lisa", "partition"]
+__all__ = [
+    "LAYER_PATTERN",
+    "STACKED_PATTERN",
+    "LayerPartition",
+    "LisaState",
+    "gather_slots",
+    "lisa",
+    "partition",
+    "scatter_slots",
+]
 
 LAYER_PATTERN = r"layers/(\d+)/"
 STACKED_PATTERN = r"(^|/)layers/"
@@ -334,41 +343,6 @@ def lisa(
             always_state=always_state,
         )
 
-    def gather(part: LayerPartition, leaves: list, active: jax.Array) -> dict:
-        flat = {}
-        for j in range(n_active):
-            if part.layer_leaves:
-                branches = [
-                    lambda members=members: [leaves[i] for i in members]
-                    for members in part.layer_leaves
-                ]
-                values = jax.lax.switch(active[j], branches)
-                for i, value in zip(part.layer_leaves[0], values):
-                    flat[part.slot_paths[i](j)] = value
-        for i in part.stacked_leaves:
-            flat[part.slot_paths[i](0)] = jnp.take(leaves[i], active, axis=0)
-        return _nest(flat)
-
-    def scatter(part: LayerPartition, slots: dict, active: jax.Array, leaves: list) -> list:
-        out = [None] * len(leaves)
-        template = part.layer_leaves[0] if part.layer_leaves else []
-        per_slot = [[_get(slots, part.slot_paths[i](j)) for i in template] for j in range(n_active)]
-        for layer, members in enumerate(part.layer_leaves):
-            hit = active == layer
-            zeros = lambda members=members: [
-                jnp.zeros(np.shape(leaves[i]), x.dtype) for i, x in zip(members, per_slot[0])
-            ]
-            pick = lambda hit=hit: jax.lax.switch(
-                jnp.argmax(hit), [lambda j=j: per_slot[j] for j in range(n_active)]
-            )
-            values = jax.lax.cond(jnp.any(hit), pick, zeros)
-            for i, value in zip(members, values):
-                out[i] = value.astype(leaves[i].dtype)
-        for i in part.stacked_leaves:
-            value = _get(slots, part.slot_paths[i](0)).astype(leaves[i].dtype)
-            out[i] = jnp.zeros_like(leaves[i]).at[active].set(value)
-        return out
-
     def update_fn(
         updates: Any, state: LisaState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, LisaState]:
@@ -384,9 +358,9 @@ def lisa(
             state.count % interval == 0, resample, lambda: (state.active, state.layer_state)
         )
         slot_updates, layer_state = inner.update(
-            gather(part, leaves, active),
+            gather_slots(part, leaves, active, n_active),
             layer_state,
-            None if param_leaves is None else gather(part, param_leaves, active),
+            None if param_leaves is None else gather_slots(part, param_leaves, active, n_active),
             **extra_args,
         )
         always_updates, always_state = always_inner.update(
@@ -395,7 +369,7 @@ def lisa(
             None if param_leaves is None else always_tree(part, param_leaves),
             **extra_args,
         )
-        out = scatter(part, slot_updates, active, leaves)
+        out = scatter_slots(part, slot_updates, active, leaves, n_active)
         always_list = part.treedef.flatten_up_to(always_updates)
         for i, kind in enumerate(part.kinds):
             if kind == "always":
@@ -411,3 +385,48 @@ def lisa(
         )
 
     return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+
+
+# Shared with BAdam (_badam.py): moving layer leaves into and out of the active slots.
+
+
+def gather_slots(part: LayerPartition, leaves: list, active: jax.Array, n_active: int) -> dict:
+    """The leaves of the layers ``active`` (``int32[n_active]``) as a slot tree (LISA, BAdam)."""
+    flat = {}
+    for j in range(n_active):
+        if part.layer_leaves:
+            branches = [
+                lambda members=members: [leaves[i] for i in members]
+                for members in part.layer_leaves
+            ]
+            values = jax.lax.switch(active[j], branches)
+            for i, value in zip(part.layer_leaves[0], values):
+                flat[part.slot_paths[i](j)] = value
+    for i in part.stacked_leaves:
+        flat[part.slot_paths[i](0)] = jnp.take(leaves[i], active, axis=0)
+    return _nest(flat)
+
+
+def scatter_slots(
+    part: LayerPartition, slots: dict, active: jax.Array, leaves: list, n_active: int
+) -> list:
+    """Inverse of :func:`gather_slots`: per leaf the slot values at the active layers and zeros
+    elsewhere (``None`` at the non-layer leaves)."""
+    out = [None] * len(leaves)
+    template = part.layer_leaves[0] if part.layer_leaves else []
+    per_slot = [[_get(slots, part.slot_paths[i](j)) for i in template] for j in range(n_active)]
+    for layer, members in enumerate(part.layer_leaves):
+        hit = active == layer
+        zeros = lambda members=members: [
+            jnp.zeros(np.shape(leaves[i]), x.dtype) for i, x in zip(members, per_slot[0])
+        ]
+        pick = lambda hit=hit: jax.lax.switch(
+            jnp.argmax(hit), [lambda j=j: per_slot[j] for j in range(n_active)]
+        )
+        values = jax.lax.cond(jnp.any(hit), pick, zeros)
+        for i, value in zip(members, values):
+            out[i] = value.astype(leaves[i].dtype)
+    for i in part.stacked_leaves:
+        value = _get(slots, part.slot_paths[i](0)).astype(leaves[i].dtype)
+        out[i] = jnp.zeros_like(leaves[i]).at[active].set(value)
+    return out

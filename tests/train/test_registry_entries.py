@@ -5,7 +5,21 @@ import pytest
 
 from lowrank_jax.train import registry
 
-NAMES = ["fira", "apollo", "apollo_mini", "adamw_8bit", "galore_adamw_8bit", "lisa", "owlore"]
+NAMES = [
+    "fira",
+    "apollo",
+    "apollo_mini",
+    "adamw_8bit",
+    "galore_adamw_8bit",
+    "lisa",
+    "owlore",
+    "galore2",
+    "golore",
+    "flora",
+    "badam",
+    "q_galore",
+    "gradnorm_lorp",
+]
 PARAMS = {
     "layers": {str(i): {"w": np.full((8, 6), 0.1 * (i + 1), np.float32)} for i in range(4)},
     "embed": {"embedding": np.ones((10, 6), np.float32)},
@@ -17,6 +31,8 @@ def test_registered_and_buildable(name):
     entry = registry.get_optimizer(name)
     assert entry.help.startswith("lowrank_jax.")
     extra = {"probs": [1.0, 2.0, 3.0, 4.0], "n_active": 2} if name == "owlore" else {}
+    if name == "q_galore":  # a 6 x 2 projector is not a whole number of 256-groups
+        extra = {"proj_group_size": 4}
     tx = registry.build_optimizer(name, registry.OptimizerArgs(1e-3, rank=2, extra=extra))
     updates, _ = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
     assert updates["layers"]["0"]["w"].shape == (8, 6)
