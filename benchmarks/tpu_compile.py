@@ -6,8 +6,9 @@ abstract arguments sharded over a mesh of them, and ``.compile().memory_analysis
 what one chip would hold. For every (model, optimizer, ordinary / layer-wise) row this prints
 the compile time and the per-chip peak next to AdamW's, and writes JSON.
 
-    python benchmarks/tpu_compile.py                                  # llama_60m and llama_1b, v5e
-    python benchmarks/tpu_compile.py --models llama_7b --mesh 4x1 --optimizers adamw,galore_adamw_8bit
+    python benchmarks/tpu_compile.py          # llama_60m and llama_1b, v5e
+    python benchmarks/tpu_compile.py --models llama_7b --mesh 4x1 \
+        --optimizers adamw,galore_adamw_8bit
     python benchmarks/tpu_compile.py --target tpu-v4 --mesh 2x2
 
 Batch 1 x 256 tokens, bfloat16 parameters and computation (the GaLore paper's setting).

