@@ -31,6 +31,7 @@ Writes ``benchmarks/results/gpu_<platform>.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -97,8 +98,14 @@ def _optimizer(method: str, spec: dict, total_steps: int) -> Any:
         rank=spec["rank"],
         update_proj_gap=spec["gap"],
         total_steps=total_steps,
+        extra=dict(spec.get("extra") or {}),
     )
-    return entry.factory(args)
+    try:
+        return entry.factory(args)
+    except TypeError as e:  # --opt names an option this method does not take: drop it
+        if "unexpected keyword" not in str(e):
+            raise
+        return entry.factory(dataclasses.replace(args, extra={}))
 
 
 def _model(spec: dict) -> tuple[Any, Any]:
@@ -112,6 +119,7 @@ def _model(spec: dict) -> tuple[Any, Any]:
         dtype=spec["dtype"],
         param_dtype=spec["param_dtype"],
         remat=spec["remat"],
+        scan_layers=bool(spec.get("layerwise")),
         **layers,
     )
     graphdef, init = _initializer(config)
@@ -144,7 +152,10 @@ def measure_training(spec: dict) -> dict:
     graphdef, params = _model(spec)
     tx = _optimizer(spec["method"], spec, spec["warmup"] + spec["steps"])
     state = TrainState(jnp.int32(0), params, jax.jit(tx.init)(params))
-    step = make_train_step(graphdef, tx, grad_clip=1.0)
+    layerwise = bool(spec.get("layerwise"))
+    step = make_train_step(
+        graphdef, tx, grad_clip=1.0, layerwise=layerwise, clip_per_layer=layerwise
+    )
     rng = np.random.default_rng(0)
     shape = (spec["batch_size"], spec["seq_len"] + 1)
     batches = [jnp.asarray(rng.integers(0, spec["vocab_size"], shape)) for _ in range(4)]
@@ -359,6 +370,7 @@ def base_spec(args: argparse.Namespace, model: str) -> dict:
         "num_layers": args.num_layers,
         "kernel_leaves": args.kernel_leaves,
         "basis": args.basis,
+        "extra": dict(kv.split("=", 1) for kv in args.opt),
     }
 
 
@@ -370,6 +382,11 @@ def train_section(args: argparse.Namespace, run: Callable, methods: dict, on_gpu
         for label, name in methods.items():
             result = run({**base_spec(args, model), "kind": "train", "method": name})
             rows[label] = {"registry_name": name, **result}
+        for label, name in methods.items() if args.layerwise else ():
+            if label in ("LISA",) or name.startswith("lisa"):
+                continue  # layer sampling has no per-layer state to fuse (refused)
+            spec = {**base_spec(args, model), "kind": "train", "method": name, "layerwise": True}
+            rows[f"{label} LW"] = {"registry_name": name, "layerwise": True, **run(spec)}
         base = rows.get("AdamW", {}).get("tokens_per_s")
         for row in rows.values():
             if row.get("ok") and base:
@@ -426,6 +443,7 @@ def cap_section(
             "batch_size": args.cap_batch_size,
             "steps": 2,
             "warmup": 1,
+            "layerwise": args.cap_layerwise,
         }
         result = run_capped(spec, env)
         out["configs"][model] = result
@@ -449,15 +467,15 @@ def report(results: dict) -> None:
             f"\n{model} training, batch {results['args']['batch_size']} x "
             f"{results['args']['seq_len']} tokens"
         )
-        print(f"{'method':14s} {'registry':18s} {'tok/s':>10s} {'vs AdamW':>9s} {'peak':>12s}")
+        print(f"{'method':17s} {'registry':18s} {'tok/s':>10s} {'vs AdamW':>9s} {'peak':>12s}")
         for label, r in rows.items():
             if not r["ok"]:
-                print(f"{label:14s} {r['registry_name']:18s} failed: {r['error']}")
+                print(f"{label:17s} {r['registry_name']:18s} failed: {r['error']}")
                 continue
             tps = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
             ratio = f"{r['ratio_vs_adamw']:.2f}x" if "ratio_vs_adamw" in r else "-"
             print(
-                f"{label:14s} {r['registry_name']:18s} {tps:>10s} {ratio:>9s} "
+                f"{label:17s} {r['registry_name']:18s} {tps:>10s} {ratio:>9s} "
                 f"{_gib(r['peak_bytes']):>12s}"
             )
     for model, result in results.get("kernels", {}).items():
@@ -469,7 +487,7 @@ def report(results: dict) -> None:
             for mode, r in row.items():
                 if isinstance(r, dict):
                     print(
-                        f"{label:14s} {mode:10s} step {1e3 * r['optimizer_step_s']:9.2f}  "
+                        f"{label:17s} {mode:10s} step {1e3 * r['optimizer_step_s']:9.2f}  "
                         f"kernels {1e3 * r['kernels_only_s']:9.2f}  "
                         f"pallas_calls: step {r['optimizer_pallas_calls']}, "
                         f"kernels {r['kernels_pallas_calls']}"
@@ -478,7 +496,8 @@ def report(results: dict) -> None:
         cap = results["cap"]
         print(
             f"\n{cap['cap_bytes'] / 1e9:.0f} GB cap (XLA_PYTHON_CLIENT_MEM_FRACTION="
-            f"{cap['mem_fraction']}), {results['args']['cap_method']}:"
+            f"{cap['mem_fraction']}), {results['args']['cap_method']}"
+            f"{' layer-wise' if results['args'].get('cap_layerwise') else ''}:"
         )
         for model, r in cap["configs"].items():
             state = "fits" if r["ok"] else ("OOM" if r.get("oom") else f"failed: {r['error']}")
@@ -507,6 +526,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--basis", default="svd", help="GaLore basis in the kernels section (tiny: random)"
     )
+    p.add_argument(
+        "--layerwise", action="store_true", help="also layer-wise rows (scan_layers models)"
+    )
+    p.add_argument(
+        "--opt", action="append", default=[], metavar="KEY=VALUE",
+        help="optimizer options (OptimizerArgs.extra), e.g. basis=randomized",
+    )
+    p.add_argument("--cap-layerwise", action="store_true", help="the cap search layer-wise")
     p.add_argument("--cap-gb", type=float, default=24.0)
     p.add_argument("--cap-method", default="8-bit GaLore", help="a METHODS name or registry name")
     p.add_argument("--cap-batch-size", type=int, default=4)

@@ -28,7 +28,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lowrank-jax`` argument parser (subcommands ``train`` and ``optimizers``)."""
+    """The ``lowrank-jax`` argument parser (subcommands ``train``, ``optimizers``, ``memory``)."""
     parser = argparse.ArgumentParser(
         prog="lowrank-jax", description="Memory-efficient LLM training with low-rank methods."
     )
@@ -58,7 +58,57 @@ def build_parser() -> argparse.ArgumentParser:
             suffix = f" [{field.default}]" if field.default is not None else ""
             train.add_argument(flag_name(name), dest=name, type=kind, help=text + suffix)
     commands.add_parser("optimizers", help="list the registered optimizers")
+    mem = commands.add_parser(
+        "memory",
+        help="compile a train step abstractly and print its memory (nothing is allocated)",
+        description="Will it fit? The compiled train step's memory per device, before renting "
+        "the hardware: parameters, optimizer state, gradients, activations, XLA's peak. "
+        "TPU targets compile with libtpu on this host (the tpu extra), no TPU needed.",
+    )
+    mem.add_argument("--model", default="llama_1b", help="a LLaMA config name [llama_1b]")
+    mem.add_argument("--optimizer", default="galore", help="a registered optimizer [galore]")
+    mem.add_argument("--layerwise", action="store_true", help="the layer-wise train step")
+    mem.add_argument("--batch-size", type=int, default=1, help="sequences per step [1]")
+    mem.add_argument("--seq-len", type=int, default=256, help="tokens per sequence [256]")
+    mem.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 [bfloat16]")
+    mem.add_argument("--rank", type=int, default=None, help="projection rank [hidden / 4]")
+    mem.add_argument("--opt", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                     help="optimizer option, repeatable")  # fmt: skip
+    mem.add_argument("--target", default="cpu", help="cpu, gpu, tpu-v5e, tpu-v4, tpu-v5p, tpu-v6e")
+    mem.add_argument("--mesh", default="1x1", help="FSDPxTP devices [1x1]")
+    mem.add_argument("--device-memory-gb", type=float, default=None,
+                     help="memory per device in GiB [the TPU target's HBM]")  # fmt: skip
+    mem.add_argument("--remat", action="store_true", help="rematerialise layer activations")
+    mem.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
     return parser
+
+
+def _memory(args: argparse.Namespace) -> None:
+    from lowrank_jax.train.memory_plan import format_plan, plan_memory
+
+    fsdp, sep, tensor = args.mesh.partition("x")
+    if not (sep and fsdp.isdigit() and tensor.isdigit() and int(fsdp) > 0 and int(tensor) > 0):
+        raise ConfigError(f"--mesh must be FSDPxTP with positive sizes (4x2), got {args.mesh!r}")
+    for name in ("batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+    gib = args.device_memory_gb
+    plan = plan_memory(
+        args.model,
+        args.optimizer,
+        layerwise=args.layerwise,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        rank=args.rank,
+        options=dict(args.opt),
+        target=args.target,
+        mesh=(int(fsdp), int(tensor)),
+        device_memory=None if gib is None else int(gib * 2**30),
+        remat=args.remat,
+        vocab_size=args.vocab_size,
+    )
+    print(format_plan(plan))
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -100,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "optimizers":
         _list_optimizers()
+        return 0
+    if args.command == "memory":
+        try:
+            _memory(args)
+        except ValueError as err:  # unknown names, a target without its backend, bad options
+            print(f"lowrank-jax: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
         return 0
     from lowrank_jax.data import DataError
     from lowrank_jax.models.hf import UnsupportedCheckpointError

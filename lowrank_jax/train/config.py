@@ -151,6 +151,17 @@ class RunConfig:
     remat: bool = _setting(
         False, "rematerialise layer activations in the backward pass", identity=True
     )
+    layerwise: bool = _setting(
+        False,
+        "update each layer's matrices inside the backward pass, so one layer's gradient is alive "
+        "at a time (needs --scan-layers; with --grad-clip, --clip-per-layer)",
+    )
+    clip_per_layer: bool = _setting(
+        False,
+        "with --layerwise: clip each layer's gradient, and the other leaves', to --grad-clip "
+        "separately (a global norm needs every gradient before the first update)",
+        identity=True,
+    )
     dtype: str = _setting("float32", "computation dtype: float32 or bfloat16", identity=True)
     param_dtype: str = _setting(
         "float32", "parameter dtype: float32 or bfloat16", identity=True
@@ -248,6 +259,18 @@ class RunConfig:
             raise ConfigError(f"--max-skipped-steps must be >= 0, got {self.max_skipped_steps!r}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
             raise ConfigError(f"--stop-at must be in [1, steps], got {self.stop_at!r}")
+        if self.layerwise and not self.scan_layers:
+            raise ConfigError(
+                "--layerwise walks the stacked layers: add --scan-layers (a new run; a checkpoint "
+                "written without it has another layout)"
+            )
+        if self.clip_per_layer and not self.layerwise:
+            raise ConfigError("--clip-per-layer goes with --layerwise")
+        if self.layerwise and self.grad_clip > 0 and not self.clip_per_layer:
+            raise ConfigError(
+                "--layerwise cannot clip the global gradient norm (it needs every gradient "
+                "before the first update): add --clip-per-layer, or --grad-clip 0"
+            )
         if self.extend and not self.resume:
             raise ConfigError("--extend continues a run: pass --resume with it")
         for name in ("dtype", "param_dtype"):

@@ -34,9 +34,10 @@ import optax
 
 from lowrank_jax.transforms._lowrank import layer_offset
 
-__all__ = ["StateSplit", "split_state"]
+__all__ = ["LayerwiseError", "StateSplit", "layerwise_step", "model_pieces", "split_state"]
 
 LAYERS = "layers"  # the params key of the scan-stacked decoder layers
+_WITHOUT = "Train it without layer-wise updates (layerwise=False, no --layerwise)."
 
 
 class StateSplit(NamedTuple):
@@ -77,13 +78,18 @@ def _empty(node: Any) -> bool:
     return node is None or (isinstance(node, dict) and not node)
 
 
+class LayerwiseError(ValueError):
+    """A model or optimizer that the layer-wise step cannot run; the message says why and what
+    to change."""
+
+
 def partition_params(params: Any) -> tuple[dict, dict]:
     """``(layer_part, rest_part)``: the stacked matrices under ``layers``, and everything else.
 
     Both keep the original nesting (so paths, and every path-based target, are unchanged).
     """
     if not isinstance(params, dict) or LAYERS not in params:
-        raise ValueError(
+        raise LayerwiseError(
             "layerwise=True needs a model with scan-stacked layers: its parameters must have a "
             f"'{LAYERS}' entry of [num_layers, ...] leaves (build the model with "
             "scan_layers=True, e.g. get_config(name, scan_layers=True) or --scan-layers)."
@@ -102,7 +108,7 @@ def partition_params(params: Any) -> tuple[dict, dict]:
     if rest_layers:
         rest_part[LAYERS] = rest_layers
     if not layer_part[LAYERS]:
-        raise ValueError(
+        raise LayerwiseError(
             f"layerwise=True: the model's '{LAYERS}' entry has no stacked matrices "
             "([num_layers, in, out] kernels); build it with scan_layers=True."
         )
@@ -132,7 +138,9 @@ def split_state(tx: optax.GradientTransformation, params: Any, method: str = "tx
     layer_part, rest_part = partition_params(params)
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(layer_part)}
     if len(sizes) != 1:
-        raise ValueError(f"layerwise=True: the stacked layer leaves disagree on L: {sorted(sizes)}")
+        raise LayerwiseError(
+            f"layerwise=True: the stacked layer leaves disagree on L: {sorted(sizes)}"
+        )
     n_layers = sizes.pop()
     stack_of = lambda n: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype), layer_part
@@ -142,9 +150,9 @@ def split_state(tx: optax.GradientTransformation, params: Any, method: str = "tx
         try:
             return jax.eval_shape(tx.init, tree)
         except Exception as err:  # noqa: BLE001 -- one line naming the method
-            raise ValueError(
+            raise LayerwiseError(
                 f"{method} cannot be applied per layer: its init fails on {what} "
-                f"({str(err).splitlines()[0][:200]}). Use layerwise=False for it."
+                f"({str(err).splitlines()[0][:200]}). {_WITHOUT}"
             ) from None
 
     full = init(params, "the whole tree")
@@ -161,7 +169,7 @@ def split_state(tx: optax.GradientTransformation, params: Any, method: str = "tx
     flat_l = jax.tree_util.tree_flatten_with_path(state_l)[0]
     flat_1, layer_treedef = jax.tree_util.tree_flatten_with_path(state_1)
     if jax.tree.structure(state_l) != layer_treedef:
-        raise ValueError(
+        raise LayerwiseError(
             f"{method} cannot be applied per layer: its state for one layer has another "
             "structure than for the stack (it depends on the number of layers; an 8-bit state "
             "keeps leaves smaller than min_8bit_size in float32, so a layer's slice can fall "
@@ -171,7 +179,7 @@ def split_state(tx: optax.GradientTransformation, params: Any, method: str = "tx
     def source(path: Any, leaf: Any, part: str) -> int:
         key = jax.tree_util.keystr(path)
         if key not in full_paths or np.shape(full_paths[key][1]) != np.shape(leaf):
-            raise ValueError(
+            raise LayerwiseError(
                 f"{method} cannot be applied per layer: state leaf {key} of {part} is not a "
                 "leaf of the whole tree's state (the state is not kept per parameter)."
             )
@@ -184,21 +192,21 @@ def split_state(tx: optax.GradientTransformation, params: Any, method: str = "tx
         if shape == shape_1:
             per_layer = False
             if math.prod(shape) > 16:
-                raise ValueError(
+                raise LayerwiseError(
                     f"{method} cannot be applied per layer: state leaf "
                     f"{jax.tree_util.keystr(path)} {shape} does not follow the layer axis "
-                    "(e.g. LISA keeps the state of its sampled layers). Use layerwise=False."
+                    f"(e.g. LISA keeps the state of its sampled layers). {_WITHOUT}"
                 )
         elif math.prod(shape) == n_layers * math.prod(shape_1) and math.prod(
             np.shape(leaf_big)
         ) == big * math.prod(shape_1):
             per_layer = True
         else:
-            raise ValueError(
+            raise LayerwiseError(
                 f"{method} cannot be applied per layer: state leaf {jax.tree_util.keystr(path)} "
                 f"{shape} is not {n_layers} layer slices of {shape_1} (an 8-bit state's blocks "
                 "straddle layers when a layer's matrix size is not a multiple of the block "
-                "size). Use layerwise=False."
+                f"size). {_WITHOUT}"
             )
         layer_sources.append((index, per_layer))
         layer_shapes.append(tuple(shape_1))
@@ -208,7 +216,7 @@ def split_state(tx: optax.GradientTransformation, params: Any, method: str = "tx
     missing = sorted(set(range(len(full_paths))) - covered)
     if missing:
         names = [k for k, (i, _) in full_paths.items() if i in missing][:3]
-        raise ValueError(
+        raise LayerwiseError(
             f"{method} cannot be applied per layer: state leaves {names} belong to neither the "
             "layers nor the other leaves (the state couples parameters)."
         )
@@ -444,7 +452,7 @@ def model_pieces(graphdef: Any, params: Any) -> LayerwiseModel:
     model = nnx.merge(graphdef, params)
     for name in ("embed_inputs", "run_layer", "output_logits"):
         if not hasattr(model, name):
-            raise ValueError(
+            raise LayerwiseError(
                 f"layerwise=True: {type(model).__name__} has no {name}(); the layer-wise step "
                 "runs the model's embedding, each layer and its head separately."
             )

@@ -41,6 +41,7 @@ from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train.checkpoint import Checkpointer, CorruptCheckpointError
 from lowrank_jax.train.config import ConfigError, RunConfig
 from lowrank_jax.train.devices import init_distributed, make_run_mesh, state_shardings
+from lowrank_jax.train.layerwise import LayerwiseError
 from lowrank_jax.train.memory_check import check_step_memory
 from lowrank_jax.train.metrics import warn_line
 from lowrank_jax.train.registry import OptimizerArgs, OptimizerEntry, get_optimizer
@@ -308,11 +309,17 @@ class _Setup:
             schedule=plan.schedule(),
             state_sharding=self.state_sharding,
             batch_sharding=self.batch_sharding,
+            layerwise=cfg.layerwise,
+            clip_per_layer=cfg.clip_per_layer,
         )
         batch = jax.ShapeDtypeStruct(
             (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=self.batch_sharding
         )
-        compiled = step.lower(self.abstract, batch).compile()
+        try:
+            lowered = step.lower(self.abstract, batch)
+        except LayerwiseError as err:  # the method or model cannot run layer by layer
+            raise ConfigError(f"--layerwise: {err}") from None
+        compiled = lowered.compile()
         check_step_memory(compiled, cfg, self.mesh)
         self.plan = plan
         return compiled

@@ -121,6 +121,10 @@ def _devices(target: str, n: int) -> list:
     return list(topology.devices)[:n]
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _tree_bytes(tree: Any) -> int:
     return memory.tree_bytes(tree)
 
@@ -139,7 +143,7 @@ def _gradient_bytes(params: Any, layerwise: bool) -> int:
 
 def plan_memory(
     model: str = "llama_1b",
-    optimizer: str = "galore",
+    optimizer: Any = "galore",
     *,
     layerwise: bool = False,
     batch_size: int = 1,
@@ -152,12 +156,14 @@ def plan_memory(
     device_memory: int | None = None,
     remat: bool = False,
     vocab_size: int | None = None,
+    num_layers: int | None = None,
 ) -> MemoryPlan:
     """Compiles the train step abstractly and measures it (see the module docstring).
 
     Args:
       model: a LLaMA config name (``llama_60m`` ... ``llama_7b``).
-      optimizer: a registered optimizer name (``lowrank-jax optimizers``).
+      optimizer: a registered optimizer name (``lowrank-jax optimizers``) or an optax
+        transformation (``rank`` and ``options`` then unused).
       layerwise: the layer-wise step (the model is built with ``scan_layers=True`` always).
       batch_size, seq_len: the token batch.
       dtype: ``"float32"`` or ``"bfloat16"``, for the parameters and the computation.
@@ -168,6 +174,7 @@ def plan_memory(
       device_memory: bytes available per device (default: the TPU target's HBM, else none).
       remat: rematerialise layer activations.
       vocab_size: override the config's vocabulary.
+      num_layers: override the config's depth.
 
     Returns:
       A :class:`MemoryPlan`.
@@ -182,17 +189,21 @@ def plan_memory(
     overrides = dict(scan_layers=True, remat=remat, dtype=dtype, param_dtype=dtype)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
+    if num_layers is not None:
+        overrides["num_layers"] = num_layers
     config = get_config(model, **overrides)
     config = dataclasses.replace(
         config, max_position_embeddings=max(seq_len, config.max_position_embeddings)
     )
-    entry = get_optimizer(optimizer)
-    args = OptimizerArgs(
-        learning_rate=1e-3,
-        rank=rank or max(1, config.hidden_size // 4),
-        extra=dict(options or {}),
-    )
-    tx = entry.factory(args)
+    if isinstance(optimizer, str):
+        args = OptimizerArgs(
+            learning_rate=1e-3,
+            rank=rank or max(1, config.hidden_size // 4),
+            extra=dict(options or {}),
+        )
+        tx = get_optimizer(optimizer).factory(args)
+    else:  # an optax transformation
+        tx, optimizer = optimizer, getattr(optimizer, "__name__", "a transformation")
     abstract_model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract_model)
     params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
@@ -234,7 +245,7 @@ def plan_memory(
     seconds = time.perf_counter() - began
     where = target if target in ("cpu", "gpu") else f"{target} ({devices[0].device_kind})"
     description = (
-        f"{model} ({config.num_params() / 1e9:.2f}B params), {optimizer}"
+        f"{model} ({_count(config.num_params())} params), {optimizer}"
         f"{' layer-wise' if layerwise else ''}, batch {batch_size} x {seq_len}, {dtype}, "
         f"{where}, mesh {fsdp}x{tensor}"
     )

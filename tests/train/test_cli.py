@@ -69,6 +69,14 @@ def _cli(capsys, *args):
         (["--data", "SMALL", "--seq-len", "4096"], "fewer than one sequence of --seq-len 4096"),
         (["--steps", "0"], "--steps must be a positive integer"),
         (["--config", "/no/such.toml"], "no such file"),
+        (["--layerwise"], "--layerwise walks the stacked layers: add --scan-layers"),
+        (["--layerwise", "--scan-layers"], "add --clip-per-layer, or --grad-clip 0"),
+        (["--clip-per-layer"], "--clip-per-layer goes with --layerwise"),
+        (
+            ["--layerwise", "--scan-layers", "--grad-clip", "0", "--optimizer", "lisa",
+             "--model", "llama_tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16"],
+            "--layerwise: ",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(capsys, tmp_path, flags, message):
@@ -158,3 +166,21 @@ def test_optimizer_options_reach_the_optimizer(tmp_path, capsys):
                  "--no-progress", "--opt", "bogus=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bogus" in err and "--opt" in err
+
+
+def test_layerwise_run_matches_the_ordinary_run(tmp_path):
+    """``--layerwise --clip-per-layer`` trains; with clipping off it follows the ordinary run
+    to float32 round-off (``tests/train/test_layerwise.py`` checks the step itself)."""
+    common = dict(TINY, scan_layers=True, grad_clip=0.0, steps=4, eval_every=4,
+                  checkpoint_every=4)  # fmt: skip
+    a, b = str(tmp_path / "ordinary"), str(tmp_path / "layerwise")
+    train(RunConfig(out=a, **common), log=lambda _: None)
+    train(RunConfig(out=b, layerwise=True, **common), log=lambda _: None)
+    want, got = _losses(a), _losses(b)
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
+                               rtol=1e-5)  # fmt: skip
+    c = str(tmp_path / "clipped")
+    train(RunConfig(out=c, layerwise=True, clip_per_layer=True, **dict(common, grad_clip=1.0)),
+          log=lambda _: None)  # fmt: skip
+    assert all(np.isfinite(list(_losses(c).values())))

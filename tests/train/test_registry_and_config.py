@@ -137,7 +137,7 @@ def test_each_setting_is_declared_once():
         "model", "optimizer", "rank", "update_proj_gap", "galore_scale", "lr", "min_lr_ratio",
         "warmup", "weight_decay", "grad_clip", "steps", "batch_size", "seq_len", "seed", "data",
         "tokenizer", "bpe_vocab_size", "val_fraction", "scan_layers", "remat", "dtype",
-        "param_dtype", "optimizer_options",
+        "param_dtype", "optimizer_options", "clip_per_layer",
     }  # fmt: skip
     cfg = RunConfig()
     saved = fingerprint(cfg, 259, fresh_plan(cfg, 1e-2))
