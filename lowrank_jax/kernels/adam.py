@@ -204,6 +204,8 @@ def adam_hf_update(
         ),
         size=g.size,
         probe=lambda target: _probe(target, g.dtype, m.dtype, v.dtype, b1, b2, eps),
+        # on an H200 XLA's fusion of the reference was faster (benchmarks/gpu.py, kernels)
+        auto_targets=("tpu",),
     )
     if plan is None:
         return adam_hf_update_reference(g, m, v, b1=b1, b2=b2, eps=eps, factor=factor)

@@ -194,7 +194,31 @@ def test_probe_of_a_kernel_fails_on_the_cpu_and_falls_back(monkeypatch, device):
     device("gpu", (8, 0))
     x = jnp.ones((BIG // 128, 128))
     with pytest.warns(RuntimeWarning, match="failed its probe"):
-        jaxpr = jax.make_jaxpr(
-            lambda x: K.adam_hf_update(x, x, x, b1=0.9, b2=0.999, eps=1e-6, factor=1.0)
-        )(x)
+        jaxpr = jax.make_jaxpr(lambda x: K.quantize_blockwise(x, 256, signed=True))(x)
     assert "pallas_call" not in str(jaxpr)
+
+
+def test_auto_keeps_xlas_adam_on_a_gpu_where_it_measured_faster(device, monkeypatch):
+    """On an H200 the fused HF-Adam kernel lost to XLA's fusion of the reference, so "auto"
+    keeps the reference on GPUs; the 8-bit step (which won) still routes to its kernel."""
+    device("gpu", (9, 0))
+    monkeypatch.setattr(_dispatch, "probe_once", lambda name, check: True)
+    calls = []
+
+    def record(name):
+        return lambda *args, **kwargs: calls.append((name, kwargs["target"]))
+
+    monkeypatch.setattr(adam, "adam_hf_update_pallas", record("adam"))
+    monkeypatch.setattr(adam_8bit, "adam_8bit_update_pallas", record("adam_8bit"))
+    x = jnp.zeros((BIG // 128, 128))
+    q = (jnp.zeros(x.shape, jnp.uint8), jnp.zeros(BIG // 256))
+
+    def everything():
+        K.adam_hf_update(x, x, x, b1=0.9, b2=0.999, eps=1e-6, factor=1.0)
+        K.adam_8bit_update(
+            x, q, q, b1=0.9, b2=0.999, eps=1e-8, correction1=0.1, correction2=0.1, block_size=256
+        )
+        K.adam_hf_update(x, x, x, b1=0.9, b2=0.999, eps=1e-6, factor=1.0, mode="pallas")
+
+    jax.make_jaxpr(everything)()
+    assert calls == [("adam_8bit", "triton"), ("adam", "triton")]
