@@ -10,6 +10,8 @@ the compile time and the per-chip peak next to AdamW's, and writes JSON.
     python benchmarks/tpu_compile.py --models llama_7b --mesh 4x1 \
         --optimizers adamw,galore_adamw_8bit
     python benchmarks/tpu_compile.py --target tpu-v4 --mesh 2x2
+    python benchmarks/tpu_compile.py --target cpu --dtype float32 --models llama_1b \
+        --optimizers sgd,adamw,galore,galore_randomized,galore_adamw_8bit  # the CPU backend
 
 Batch 1 x 256 tokens, bfloat16 parameters and computation (the GaLore paper's setting).
 """
@@ -21,6 +23,8 @@ import json
 import os
 import pathlib
 import sys
+
+import optax
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU is opened
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             optimizer, options = name, {}
             if name == "galore_randomized":
                 optimizer, options = "galore", {"basis": "randomized"}
+            elif name == "sgd":  # the floor: no state, the gradients and activations only
+                optimizer = optax.sgd(1e-3)
             for mode in args.modes.split(","):
                 plan = plan_memory(
                     model,

@@ -1,7 +1,7 @@
 """The step loop of a run (metrics, evaluation, checkpoints, skipped steps), its summary and its
 report.
 
-A step whose loss, gradients or updates are not finite is skipped by the train step
+A step whose loss or gradients are not finite is skipped by the train step
 (:func:`~lowrank_jax.train.step.make_train_step`: parameters and optimizer state unchanged);
 the loop writes a metrics line for it (``"skipped": true``, a running ``skipped_steps`` count),
 warns, and stops with :class:`TrainError` after more than ``--max-skipped-steps`` in a row.

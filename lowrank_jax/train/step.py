@@ -140,11 +140,6 @@ def _finite(*scalars: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(x, jnp.float32) for x in scalars])))
 
 
-def _select(finite: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``finite``, else ``old`` (leaf by leaf, as ``optax.apply_if_finite``)."""
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -161,10 +156,11 @@ def make_train_step(
 
     The gradient's global norm is clipped to ``grad_clip`` (as ``torch.nn.utils.
     clip_grad_norm_``: scaled by ``min(1, c / (‖g‖ + 1e-6))``) before ``tx``, so ``tx``'s state
-    is exactly its own. A step whose loss, gradients or updates are not all finite is skipped
+    is exactly its own. A step whose loss or gradients are not all finite is skipped
     (``skip_nonfinite``): the parameters and the optimizer state stay as they were, as with
     ``optax.apply_if_finite``, so one bad batch cannot poison Adam's moments; only the step
-    count advances, and ``metrics["skipped"]`` says so.
+    count advances, and ``metrics["skipped"]`` says so. (The update runs inside a
+    ``lax.cond``, so the skip costs no second copy of the parameters or the state.)
 
     With ``layerwise=True`` (a model with ``scan_layers=True``) each layer's matrices are
     updated by ``tx`` as soon as their gradient exists in the backward pass, so at most one
@@ -217,13 +213,20 @@ def make_train_step(
         if grad_clip > 0:
             factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = _finite(loss, grad_norm, optax.tree.norm(updates))
+
+        def apply() -> tuple[Any, Any]:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        finite = _finite(loss, grad_norm)
         if skip_nonfinite:
-            params, opt_state = _select(
-                finite, (params, opt_state), (state.params, state.opt_state)
+            # a cond, not a select: a select keeps the old and the new parameters and state
+            # alive together (a second copy of both); the cond updates them in place
+            params, opt_state = jax.lax.cond(
+                finite, apply, lambda: (state.params, state.opt_state)
             )
+        else:
+            params, opt_state = apply()
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
         metrics = {
             "loss": loss,
