@@ -30,6 +30,9 @@ from lowrank_jax.kernels.adam_8bit import adam_8bit_update_pallas as adam_8bit_u
 from lowrank_jax.kernels.adam_8bit import (
     adam_8bit_update_reference as adam_8bit_update_reference,
 )
+from lowrank_jax.kernels.lora_batched import lora_batched as lora_batched
+from lowrank_jax.kernels.lora_batched import lora_batched_pallas as lora_batched_pallas
+from lowrank_jax.kernels.lora_batched import lora_batched_reference as lora_batched_reference
 from lowrank_jax.kernels.quantize import dequantize_blockwise as dequantize_blockwise
 from lowrank_jax.kernels.quantize import dequantize_blockwise_pallas as dequantize_blockwise_pallas
 from lowrank_jax.kernels.quantize import (

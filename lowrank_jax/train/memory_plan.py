@@ -45,14 +45,14 @@ TARGETS = {
     "cpu": (None, None),
     "gpu": (None, None),
     "tpu-v5e": ("v5e", 16 * 2**30),
-    "tpu-v4": ("v4", 16 * 2**30),  # 32 GiB per chip, two devices (TensorCores) per chip
+    "tpu-v4": ("v4", 32 * 2**30),  # megacore: one device per chip, both TensorCores
     "tpu-v5p": ("v5p", 95 * 2**30),
     "tpu-v6e": ("v6e", 32 * 2**30),
 }
 # the smallest topology of each family with at least n devices
 _TOPOLOGIES = {
     "v5e": ((4, "v5e:2x2"), (8, "v5e:2x4"), (16, "v5e:4x4")),
-    "v4": ((8, "v4:2x2x1"), (16, "v4:2x2x2")),
+    "v4": ((4, "v4:2x2x1"), (8, "v4:2x2x2")),
     "v5p": ((4, "v5p:2x2x1"), (8, "v5p:2x2x2")),
     "v6e": ((4, "v6e:2x2"), (8, "v6e:2x4"), (16, "v6e:4x4")),
 }
@@ -118,7 +118,9 @@ def _devices(target: str, n: int) -> list:
             f"--target {target} compiles with libtpu: pip install 'lowrank_jax[tpu]' "
             f"({str(err).splitlines()[0][:120]})"
         ) from None
-    return list(topology.devices)[:n]
+    # megacore chips (v4, v5p) list both TensorCores; a mesh takes one device per chip
+    devices = [d for d in topology.devices if getattr(d, "core_on_chip", 0) == 0]
+    return devices[:n]
 
 
 def _count(n: int) -> str:
