@@ -6,6 +6,13 @@ For each paper config the parameter shapes come from our Flax LLaMA via ``nnx.ev
 method's analytic count; the paper's published totals (GaLore Table 2) sit next to ours.
 
     python experiments/memory_table.py            # prints the table, writes JSON
+    python experiments/memory_table.py --compiled cpu --compiled-models llama_60m,llama_1b
+    python experiments/memory_table.py --compiled tpu-v5e   # libtpu (the tpu extra), no TPU
+
+``--compiled TARGET`` adds the compiled train step's peak per method, ordinary and layer-wise
+(:func:`lowrank_jax.train.memory_plan.plan_memory`: the real step lowered with abstract
+arguments, XLA's memory analysis; batch 1 x 256, float32 on the CPU, bfloat16 on a TPU target)
+next to the state: what the step needs, not only what the optimizer keeps.
 
 Ranks follow the paper: 128 / 256 / 256 / 512 for 60M / 130M / 350M / 1B (Table 2) and 1024
 for 7B (Table 3); the wave-2 methods (GaLore 2, GoLore, Flora, Q-GaLore, GradNormLoRP, SST and
@@ -21,6 +28,7 @@ states accounting).
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 from collections.abc import Callable
@@ -248,7 +256,35 @@ def table() -> dict:
     return rows
 
 
-def main() -> None:
+# registry names of the methods whose compiled step --compiled measures
+COMPILED = {"adamw": "adamw", "galore": "galore", "galore_8bit": "galore_adamw_8bit",
+            "fira": "fira", "apollo": "apollo"}
+
+
+def compiled_peaks(models: list[str], target: str) -> dict:
+    """``{model: {method: {"ordinary": peak, "layerwise": peak}}}`` per device, in bytes."""
+    from lowrank_jax.train.memory_plan import plan_memory
+
+    dtype = "float32" if target == "cpu" else "bfloat16"
+    out = {}
+    for model in models:
+        out[model] = {}
+        for name, registered in COMPILED.items():
+            out[model][name] = {
+                mode: plan_memory(
+                    model, registered, layerwise=mode == "layerwise", batch_size=1,
+                    seq_len=256, dtype=dtype, rank=RANKS.get(model), target=target,
+                ).compiled.peak_bytes
+                for mode in ("ordinary", "layerwise")
+            }  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compiled", default=None, help="cpu, gpu or a TPU target (tpu-v5e)")
+    parser.add_argument("--compiled-models", default="llama_60m")
+    args = parser.parse_args(argv)
     rows = table()
     gb = lambda b: f"{b / 1e9:.2f}"
     print("Weights + optimizer states, BF16, GB (1 GB = 1e9 bytes)")
@@ -282,6 +318,19 @@ def main() -> None:
               "(activations and transient gradients included).")
     print("\nEvery state above is measured with jax.eval_shape on the real transformation and "
           "equals its analytic count exactly.")
+    if args.compiled:
+        models = [m for m in args.compiled_models.split(",") if m]
+        peaks = compiled_peaks(models, args.compiled)
+        print(f"\nCompiled train step, peak GB per device ({args.compiled}, batch 1 x 256; "
+              "ordinary / layer-wise), next to the state:")
+        for model, methods in peaks.items():
+            for name, peak in methods.items():
+                state = rows[model][name]["state_bytes"] if model in rows else None
+                rows.setdefault(model, {}).setdefault(name, {})["compiled_peak_bytes"] = {
+                    "target": args.compiled, **peak}
+                print(f"{model:<11}{METHODS[name].label:<18} state "
+                      f"{'-' if state is None else gb(state):>6}  peak {gb(peak['ordinary']):>6}"
+                      f" / {gb(peak['layerwise']):>6}")
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(rows, indent=1))
     print(f"wrote {OUT}")
