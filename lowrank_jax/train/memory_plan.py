@@ -38,7 +38,7 @@ from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train.registry import OptimizerArgs, get_optimizer
 from lowrank_jax.train.step import TrainState, make_train_step
 
-__all__ = ["TARGETS", "MemoryPlan", "format_plan", "plan_memory"]
+__all__ = ["TARGETS", "DoesNotFit", "MemoryPlan", "format_plan", "plan_memory"]
 
 # target -> (topology family, HBM per device in bytes); "cpu" / "gpu" compile locally.
 TARGETS = {
@@ -56,6 +56,11 @@ _TOPOLOGIES = {
     "v5p": ((4, "v5p:2x2x1"), (8, "v5p:2x2x2")),
     "v6e": ((4, "v6e:2x2"), (8, "v6e:2x4"), (16, "v6e:4x4")),
 }
+
+
+class DoesNotFit(ValueError):
+    """The target's compiler refused the step: it needs more memory than one device has (the
+    TPU compiler checks HBM while compiling). The message has the compiler's figures."""
 
 
 class MemoryPlan(NamedTuple):
@@ -182,6 +187,7 @@ def plan_memory(
       A :class:`MemoryPlan`.
 
     Raises:
+      DoesNotFit: the target's compiler found that the step needs more than a device has.
       ValueError: unknown target, model, optimizer, or a method that cannot run layer-wise.
     """
     if target not in TARGETS:
@@ -241,16 +247,22 @@ def plan_memory(
         state_sharding=state_sharding,
         batch_sharding=batch_sharding,
     )
-    began = time.perf_counter()
-    with jax.set_mesh(device_mesh) if device_mesh is not None else contextlib.nullcontext():
-        compiled = memory.compiled_memory(step, state, batch)
-    seconds = time.perf_counter() - began
     where = target if target in ("cpu", "gpu") else f"{target} ({devices[0].device_kind})"
     description = (
         f"{model} ({_count(config.num_params())} params), {optimizer}"
         f"{' layer-wise' if layerwise else ''}, batch {batch_size} x {seq_len}, {dtype}, "
         f"{where}, mesh {fsdp}x{tensor}"
     )
+    began = time.perf_counter()
+    try:
+        with jax.set_mesh(device_mesh) if device_mesh is not None else contextlib.nullcontext():
+            compiled = memory.compiled_memory(step, state, batch)
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        detail = str(err).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+        raise DoesNotFit(f"{description}: does NOT fit ({detail})") from None
+    seconds = time.perf_counter() - began
     if device_memory is None:
         device_memory = TARGETS[target][1]
     return MemoryPlan(

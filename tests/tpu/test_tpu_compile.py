@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lowrank_jax.models import get_config
-from lowrank_jax.train.memory_plan import plan_memory
+from lowrank_jax.train.memory_plan import DoesNotFit, plan_memory
 from lowrank_jax.train.registry import available_optimizers
 
 pytestmark = pytest.mark.skipif(
@@ -132,3 +132,12 @@ def test_the_pallas_kernels_compile_with_mosaic_for_a_v5e_chip():
         lowered = jax.jit(fn).lower(*args)
         assert "tpu_custom_call" in lowered.as_text(), name  # the Mosaic kernel, no fallback
         lowered.compile()
+
+
+def test_a_step_larger_than_the_chip_is_reported_as_not_fitting():
+    """The TPU compiler refuses a program that needs more than the chip's HBM: the planner
+    says so in one line with the compiler's figures (llama_1b AdamW in float32: 5.4 GB of
+    parameters and 10.7 GB of moments on a 16 GB v5e)."""
+    with pytest.raises(DoesNotFit, match=r"llama_1b .* adamw, .* does NOT fit \(.*HBM"):
+        plan_memory("llama_1b", "adamw", batch_size=1, seq_len=256, dtype="float32",
+                    target="tpu-v5e")  # fmt: skip
