@@ -1,6 +1,7 @@
 """Helpers shared by the transform tests."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -40,3 +41,104 @@ def run_steps(tx, params, grads, state=None):
 def assert_trees_equal(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# the GaLore tests' tree and gradient stream
+
+def make_params(key, dtype=jnp.float32):
+    k = jax.random.split(key, 4)
+    return {
+        "layers": {
+            "q_proj": {"kernel": jax.random.normal(k[0], (16, 16), dtype)},
+            "up_proj": {"kernel": jax.random.normal(k[1], (16, 40), dtype)},
+            "down_proj": {"kernel": jax.random.normal(k[2], (40, 16), dtype)},
+        },
+        "embed": {"embedding": jax.random.normal(k[3], (50, 16), dtype)},
+        "final_norm": {"scale": jnp.ones(16, dtype)},
+    }
+
+
+def grad_stream(params, n, seed=1):
+    keys = jax.random.split(jax.random.key(seed), n)
+    return [
+        jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), params)
+        for k in keys
+    ]
+
+
+
+# the LISA tests' LLaMA-like trees
+
+SDS = jax.ShapeDtypeStruct
+L, D = 4, 8
+
+
+def normal(rng, shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def layer(rng, d=D):
+    return {
+        "attn": {"q_proj": {"kernel": normal(rng, (d, d))}},
+        "mlp": {"up_proj": {"kernel": normal(rng, (d, 2 * d))}},
+        "input_norm": {"scale": jnp.ones(d)},
+    }
+
+
+def model(key, stacked=False):
+    """A tiny LLaMA-like tree (numpy draws: cheaper than compiling jax.random per shape)."""
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
+    layers = [layer(rng) for _ in range(L)]
+    params = {
+        "embed": {"embedding": normal(rng, (20, D))},
+        "final_norm": {"scale": jnp.ones(D)},
+        "lm_head": {"kernel": normal(rng, (D, 20))},
+    }
+    if stacked:
+        params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    else:
+        params["layers"] = {str(i): p for i, p in enumerate(layers)}
+    return params
+
+
+def grads_for(params, n, seed=1):
+    rng = np.random.default_rng(seed)
+    return [jax.tree.map(lambda x: normal(rng, x.shape), params) for _ in range(n)]
+
+
+def llama_1b(stacked=False):
+    """LLaMA-1B shapes (hidden 2048, intermediate 5461, 24 layers, vocab 32000), float32."""
+    h, f, n = 2048, 5461, 24
+    lead = (n,) if stacked else ()
+    block = {
+        "attn": {p: {"kernel": SDS((*lead, h, h), jnp.float32)} for p in "qkvo"},
+        "mlp": {
+            "gate_proj": {"kernel": SDS((*lead, h, f), jnp.float32)},
+            "up_proj": {"kernel": SDS((*lead, h, f), jnp.float32)},
+            "down_proj": {"kernel": SDS((*lead, f, h), jnp.float32)},
+        },
+        "input_layernorm": {"scale": SDS((*lead, h), jnp.float32)},
+        "post_attention_layernorm": {"scale": SDS((*lead, h), jnp.float32)},
+    }
+    block["attn"] = {f"{p}_proj": v for p, v in block["attn"].items()}
+    return {
+        "embed_tokens": {"embedding": SDS((32000, h), jnp.float32)},
+        "layers": block if stacked else {str(i): block for i in range(n)},
+        "norm": {"scale": SDS((h,), jnp.float32)},
+        "lm_head": {"kernel": SDS((h, 32000), jnp.float32)},
+    }
+
+
+
+# the memory tests' tree
+PARAMS = {
+    "embed": {"embedding": SDS((1000, 64), jnp.float32)},
+    "layers": {
+        "q_proj": {"kernel": SDS((4, 64, 64), jnp.float32)},
+        "up_proj": {"kernel": SDS((4, 64, 172), jnp.float32)},
+        "down_proj": {"kernel": SDS((4, 172, 64), jnp.float32)},
+        "norm": {"scale": SDS((4, 64), jnp.float32)},
+    },
+    "lm_head": {"kernel": SDS((64, 1000), jnp.bfloat16)},
+}
+

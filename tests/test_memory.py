@@ -7,18 +7,9 @@ import pytest
 
 import lowrank_jax as lr
 from lowrank_jax import memory
+from tests.helpers import PARAMS
 
 SDS = jax.ShapeDtypeStruct
-PARAMS = {
-    "embed": {"embedding": SDS((1000, 64), jnp.float32)},
-    "layers": {
-        "q_proj": {"kernel": SDS((4, 64, 64), jnp.float32)},
-        "up_proj": {"kernel": SDS((4, 64, 172), jnp.float32)},
-        "down_proj": {"kernel": SDS((4, 172, 64), jnp.float32)},
-        "norm": {"scale": SDS((4, 64), jnp.float32)},
-    },
-    "lm_head": {"kernel": SDS((64, 1000), jnp.bfloat16)},
-}
 
 
 def test_adamw_state_is_two_moments():

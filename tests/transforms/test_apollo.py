@@ -10,8 +10,7 @@ import pytest
 
 from lowrank_jax.optimizers import apollo_adamw, apollo_mini
 from lowrank_jax.transforms import apollo, gaussian_projection, scale_by_adam_hf
-from tests.helpers import run_steps
-from tests.transforms.test_galore import grad_stream, make_params
+from tests.helpers import grad_stream, make_params, run_steps
 
 UNCORRECTED = scale_by_adam_hf(correct_bias=False)
 

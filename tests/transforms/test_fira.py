@@ -10,8 +10,7 @@ from lowrank_jax import projection
 from lowrank_jax.optimizers import fira_adamw
 from lowrank_jax.transforms import fira, scale_by_adam_bias_correction, scale_by_adam_hf
 from lowrank_jax.transforms._norm_scaling import limit_norm_growth
-from tests.helpers import run_steps
-from tests.transforms.test_galore import grad_stream, make_params
+from tests.helpers import grad_stream, make_params, run_steps
 
 UNCORRECTED = scale_by_adam_hf(correct_bias=False)
 

@@ -13,8 +13,7 @@ import lowrank_jax as lr
 from lowrank_jax import memory
 from lowrank_jax.train.layerwise import split_state
 from lowrank_jax.transforms import flora_accumulation, flora_projection, scale_by_flora
-from tests.helpers import assert_same_types, orbax_roundtrip, run_steps
-from tests.transforms.test_galore import grad_stream
+from tests.helpers import assert_same_types, grad_stream, orbax_roundtrip, run_steps
 
 HAVE_FLORA = all(importlib.util.find_spec(m) for m in ("torch", "flora_opt", "bitsandbytes"))
 TORCH_SHAPES = {"a": (12, 20), "b": (20, 12), "c": (16, 16), "bias": (20,)}  # (out, in)

@@ -8,40 +8,8 @@ import pytest
 
 import lowrank_jax as lr
 from lowrank_jax import projection
-
-
-def make_params(key, dtype=jnp.float32):
-    k = jax.random.split(key, 4)
-    return {
-        "layers": {
-            "q_proj": {"kernel": jax.random.normal(k[0], (16, 16), dtype)},
-            "up_proj": {"kernel": jax.random.normal(k[1], (16, 40), dtype)},
-            "down_proj": {"kernel": jax.random.normal(k[2], (40, 16), dtype)},
-        },
-        "embed": {"embedding": jax.random.normal(k[3], (50, 16), dtype)},
-        "final_norm": {"scale": jnp.ones(16, dtype)},
-    }
-
-
-def grad_stream(params, n, seed=1):
-    keys = jax.random.split(jax.random.key(seed), n)
-    return [
-        jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), params)
-        for k in keys
-    ]
-
-
-def run(tx, params, grads, state=None):
-    state = tx.init(params) if state is None else state
-
-    @jax.jit
-    def step(params, state, g):
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for g in grads:
-        params, state = step(params, state, g)
-    return params, state
+from tests.helpers import grad_stream, make_params
+from tests.helpers import run_steps as run
 
 
 def test_state_is_lowrank_on_the_reference_side(key):

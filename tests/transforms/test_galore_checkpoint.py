@@ -5,8 +5,14 @@ import optax
 import pytest
 
 import lowrank_jax as lr
-from tests.helpers import assert_same_types, assert_trees_equal, orbax_roundtrip, run_steps
-from tests.transforms.test_galore import grad_stream, make_params
+from tests.helpers import (
+    assert_same_types,
+    assert_trees_equal,
+    grad_stream,
+    make_params,
+    orbax_roundtrip,
+    run_steps,
+)
 
 
 @pytest.mark.parametrize(

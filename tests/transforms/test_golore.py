@@ -9,8 +9,8 @@ import pytest
 import lowrank_jax as lr
 from lowrank_jax import memory, projection
 from lowrank_jax.train.layerwise import split_state
-from tests.helpers import assert_same_types, orbax_roundtrip
-from tests.transforms.test_galore import grad_stream, make_params, run
+from tests.helpers import assert_same_types, grad_stream, make_params, orbax_roundtrip
+from tests.helpers import run_steps as run
 
 
 def bases(tx, params, grads):

@@ -10,8 +10,7 @@ import lowrank_jax as lr
 from lowrank_jax import memory
 from lowrank_jax.train.layerwise import split_state
 from lowrank_jax.transforms import weight_norm
-from tests.helpers import assert_same_types, orbax_roundtrip, run_steps
-from tests.transforms.test_galore import grad_stream
+from tests.helpers import assert_same_types, grad_stream, orbax_roundtrip, run_steps
 
 
 def params_of(key):

@@ -9,38 +9,7 @@ import pytest
 from lowrank_jax import memory
 from lowrank_jax.optimizers import lisa_adamw, owlore_adamw
 from lowrank_jax.transforms import galore, lisa, outlier_scores, owl_probabilities, scale_by_adam_hf
-from tests.helpers import run_steps
-
-SDS = jax.ShapeDtypeStruct
-L, D = 4, 8
-
-
-def normal(rng, shape):
-    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
-
-
-def layer(rng, d=D):
-    return {
-        "attn": {"q_proj": {"kernel": normal(rng, (d, d))}},
-        "mlp": {"up_proj": {"kernel": normal(rng, (d, 2 * d))}},
-        "input_norm": {"scale": jnp.ones(d)},
-    }
-
-
-def model(key, stacked=False):
-    """A tiny LLaMA-like tree (numpy draws: cheaper than compiling jax.random per shape)."""
-    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
-    layers = [layer(rng) for _ in range(L)]
-    params = {
-        "embed": {"embedding": normal(rng, (20, D))},
-        "final_norm": {"scale": jnp.ones(D)},
-        "lm_head": {"kernel": normal(rng, (D, 20))},
-    }
-    if stacked:
-        params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    else:
-        params["layers"] = {str(i): p for i, p in enumerate(layers)}
-    return params
+from tests.helpers import D, L, grads_for, llama_1b, model, run_steps
 
 
 def as_per_layer(tree):
@@ -48,34 +17,6 @@ def as_per_layer(tree):
     out = dict(tree)
     out["layers"] = {str(i): jax.tree.map(lambda x, i=i: x[i], tree["layers"]) for i in range(L)}
     return out
-
-
-def grads_for(params, n, seed=1):
-    rng = np.random.default_rng(seed)
-    return [jax.tree.map(lambda x: normal(rng, x.shape), params) for _ in range(n)]
-
-
-def llama_1b(stacked=False):
-    """LLaMA-1B shapes (hidden 2048, intermediate 5461, 24 layers, vocab 32000), float32."""
-    h, f, n = 2048, 5461, 24
-    lead = (n,) if stacked else ()
-    block = {
-        "attn": {p: {"kernel": SDS((*lead, h, h), jnp.float32)} for p in "qkvo"},
-        "mlp": {
-            "gate_proj": {"kernel": SDS((*lead, h, f), jnp.float32)},
-            "up_proj": {"kernel": SDS((*lead, h, f), jnp.float32)},
-            "down_proj": {"kernel": SDS((*lead, f, h), jnp.float32)},
-        },
-        "input_layernorm": {"scale": SDS((*lead, h), jnp.float32)},
-        "post_attention_layernorm": {"scale": SDS((*lead, h), jnp.float32)},
-    }
-    block["attn"] = {f"{p}_proj": v for p, v in block["attn"].items()}
-    return {
-        "embed_tokens": {"embedding": SDS((32000, h), jnp.float32)},
-        "layers": block if stacked else {str(i): block for i in range(n)},
-        "norm": {"scale": SDS((h,), jnp.float32)},
-        "lm_head": {"kernel": SDS((h, 32000), jnp.float32)},
-    }
 
 
 def changed(before, after):

@@ -13,8 +13,7 @@ from lowrank_jax.optimizers import (
     galore_adamw_8bit,
     owlore_adamw,
 )
-from tests.test_memory import PARAMS
-from tests.transforms.test_lisa import llama_1b
+from tests.helpers import PARAMS, llama_1b
 
 SDS = jax.ShapeDtypeStruct
 FLAT = {

@@ -13,9 +13,14 @@ from lowrank_jax.optimizers import (
     owlore_adamw,
 )
 from lowrank_jax.transforms import AdaptiveRefresh
-from tests.helpers import assert_same_types, assert_trees_equal, orbax_roundtrip
-from tests.transforms.test_galore import grad_stream
-from tests.transforms.test_lisa import grads_for, model
+from tests.helpers import (
+    assert_same_types,
+    assert_trees_equal,
+    grad_stream,
+    grads_for,
+    model,
+    orbax_roundtrip,
+)
 
 METHODS = {
     "fira": lambda: fira_adamw(1e-2, rank=4, update_proj_gap=3, scale=0.25),

@@ -20,8 +20,7 @@ from lowrank_jax.transforms import (
     quantize_weights,
     stochastic_weight_update,
 )
-from tests.helpers import assert_same_types, orbax_roundtrip
-from tests.transforms.test_galore import grad_stream
+from tests.helpers import assert_same_types, grad_stream, orbax_roundtrip
 
 HAVE_QGALORE = all(importlib.util.find_spec(m) for m in ("torch", "q_galore_torch", "bitsandbytes"))
 
