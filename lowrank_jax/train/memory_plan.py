@@ -164,6 +164,7 @@ def plan_memory(
     remat: bool = False,
     vocab_size: int | None = None,
     num_layers: int | None = None,
+    skip_nonfinite: bool = True,
 ) -> MemoryPlan:
     """Compiles the train step abstractly and measures it (see the module docstring).
 
@@ -182,6 +183,9 @@ def plan_memory(
       remat: rematerialise layer activations.
       vocab_size: override the config's vocabulary.
       num_layers: override the config's depth.
+      skip_nonfinite: the train step's non-finite guard (see
+        :func:`~lowrank_jax.train.step.make_train_step`; it costs GaLore's ordinary step its
+        projected-back updates).
 
     Returns:
       A :class:`MemoryPlan`.
@@ -244,6 +248,7 @@ def plan_memory(
         tx,
         grad_clip=0.0,
         layerwise=layerwise,
+        skip_nonfinite=skip_nonfinite,
         state_sharding=state_sharding,
         batch_sharding=batch_sharding,
     )
