@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--device-memory-gb", type=float, default=None,
                      help="memory per device in GiB [the TPU target's HBM]")  # fmt: skip
     mem.add_argument("--remat", action="store_true", help="rematerialise layer activations")
+    mem.add_argument("--no-skip-nonfinite", dest="skip_nonfinite", action="store_false",
+                     help="without the non-finite-step guard (see README)")  # fmt: skip
     mem.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
     return parser
 
@@ -107,6 +109,7 @@ def _memory(args: argparse.Namespace) -> None:
         device_memory=None if gib is None else int(gib * 2**30),
         remat=args.remat,
         vocab_size=args.vocab_size,
+        skip_nonfinite=args.skip_nonfinite,
     )
     print(format_plan(plan))
 

@@ -65,11 +65,18 @@ def test_the_report_names_every_part_and_the_verdict(plans):
     assert "does NOT fit" in format_plan(plan._replace(device_memory=1024))
 
 
-def test_cli_memory_prints_the_plan(capsys):
+def test_cli_memory_prints_the_plan(capsys, monkeypatch):
     code = main(["memory", "--model", "llama_tiny", "--optimizer", "adamw", "--dtype", "float32",
                  "--vocab-size", "259", "--seq-len", "16"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "adamw, batch 1 x 16, float32, cpu" in out and "compiled peak" in out
+    seen = {}
+    monkeypatch.setattr(
+        "lowrank_jax.train.memory_plan.plan_memory", lambda *a, **kw: seen.update(kw) or 1 / 0
+    )
+    with pytest.raises(ZeroDivisionError):  # the flags reach the planner
+        main(["memory", "--no-skip-nonfinite", "--layerwise", "--mesh", "4x2"])
+    assert seen["skip_nonfinite"] is False and seen["layerwise"] and seen["mesh"] == (4, 2)
 
 
 @pytest.mark.parametrize(
