@@ -181,6 +181,11 @@ def test_layerwise_run_matches_the_ordinary_run(tmp_path):
     np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
                                rtol=1e-5)  # fmt: skip
     c = str(tmp_path / "clipped")
-    train(RunConfig(out=c, layerwise=True, clip_per_layer=True, **dict(common, grad_clip=1.0)),
-          log=lambda _: None)  # fmt: skip
+    clipped = dict(common, grad_clip=1.0, layerwise=True, clip_per_layer=True)
+    train(RunConfig(out=c, **clipped), log=lambda _: None)
     assert all(np.isfinite(list(_losses(c).values())))
+    # a layer-wise run stopped after its step-2 checkpoint resumes bit for bit
+    d = str(tmp_path / "resumed")
+    train(RunConfig(out=d, stop_at=2, **dict(clipped, checkpoint_every=2)), log=lambda _: None)
+    train(RunConfig(out=d, resume=True, **dict(clipped, checkpoint_every=2)), log=lambda _: None)
+    assert _losses(d) == _losses(c)  # float equality, every step
