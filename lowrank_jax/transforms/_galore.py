@@ -129,15 +129,25 @@ def galore(
         adaptive_refresh=adaptive_refresh,
     )
 
-    def init_fn(params: Any) -> GaLoreState:
-        return GaLoreState(**core.init(params))
+    return scaled_back_projection(core, GaLoreState, scale)
+
+
+def scaled_back_projection(
+    core: ProjectedCore, state_type: type, scale: float | jax.Array
+) -> optax.GradientTransformationExtraArgs:
+    """The transformation of ``core`` that maps each low-rank update back as
+    ``scale · project_back(N, P)`` (GaLore's rule, shared by GoLore and Q-GaLore); its state is
+    ``state_type(**core.init(params))``."""
+
+    def init_fn(params: Any) -> Any:
+        return state_type(**core.init(params))
 
     def back(leaf: LeafStep, aux: None) -> tuple[jax.Array, None]:
         return projection.project_back(leaf.lowrank_update, leaf.projector) * scale, aux
 
     def update_fn(
-        updates: Any, state: GaLoreState, params: Any = None, **extra_args: Any
-    ) -> tuple[Any, GaLoreState]:
+        updates: Any, state: Any, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, Any]:
         return core.update(updates, state, params, back, **extra_args)
 
     return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))

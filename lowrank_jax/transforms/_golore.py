@@ -9,13 +9,11 @@ import optax
 
 from lowrank_jax import projection
 from lowrank_jax.projection import Projector
-from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
-from lowrank_jax.transforms._galore import GaLoreState
+from lowrank_jax.transforms._galore import GaLoreState, scaled_back_projection
 from lowrank_jax.transforms._lowrank import (
     _SECOND_MOMENT_FIELDS,
     LeafPlan,
-    LeafStep,
     ProjectedCore,
 )
 
@@ -157,15 +155,4 @@ def golore(
         keep_second_moments=True,
     )
 
-    def init_fn(params: Any) -> GaLoreState:
-        return GaLoreState(**core.init(params))
-
-    def back(leaf: LeafStep, aux: None) -> tuple[jax.Array, None]:
-        return projection.project_back(leaf.lowrank_update, leaf.projector) * scale, aux
-
-    def update_fn(
-        updates: Any, state: GaLoreState, params: Any = None, **extra_args: Any
-    ) -> tuple[Any, GaLoreState]:
-        return core.update(updates, state, params, back, **extra_args)
-
-    return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+    return scaled_back_projection(core, GaLoreState, scale)

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax import projection
 from lowrank_jax.projection import Projector
-from lowrank_jax.sharding import auto_sharded
 from lowrank_jax.targets import Targets
 from lowrank_jax.transforms._adaptive import AdaptiveRefresh
-from lowrank_jax.transforms._lowrank import LeafPlan, LeafStep, ProjectedCore
+from lowrank_jax.transforms._galore import scaled_back_projection
+from lowrank_jax.transforms._lowrank import LeafPlan, ProjectedCore
 
 __all__ = ["QGaLoreState", "QuantizedGroups", "dequantize_groups", "q_galore", "quantize_groups"]
 
@@ -291,15 +290,4 @@ def q_galore(
         pack=pack_projector,
     )
 
-    def init_fn(params: Any) -> QGaLoreState:
-        return QGaLoreState(**core.init(params))
-
-    def back(leaf: LeafStep, aux: None) -> tuple[jax.Array, None]:
-        return projection.project_back(leaf.lowrank_update, leaf.projector) * scale, aux
-
-    def update_fn(
-        updates: Any, state: QGaLoreState, params: Any = None, **extra_args: Any
-    ) -> tuple[Any, QGaLoreState]:
-        return core.update(updates, state, params, back, **extra_args)
-
-    return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+    return scaled_back_projection(core, QGaLoreState, scale)
