@@ -99,6 +99,16 @@ def adamw_bytes(params: Any, *, dtype: Any = None, moments: int = 2) -> int:
     )
 
 
+def _lowrank_sizes(rank: int, proj_type: str, n_in: int, n_out: int) -> tuple[int, int, int]:
+    """``(r, basis, kept)`` of one projected ``(n_in, n_out)`` matrix: the clipped rank, the
+    length of the projector's basis vectors and the moments' uncompressed dimension."""
+    r = min(rank, n_in, n_out)
+    side = projection.choose_side(proj_type, n_in, n_out)
+    basis = {"in": n_in, "out": n_out, "both": n_in + n_out}[side]
+    kept = {"in": n_out, "out": n_in, "both": r}[side]
+    return r, basis, kept
+
+
 def galore_bytes(
     params: Any,
     *,
@@ -130,10 +140,7 @@ def galore_bytes(
         d = d.normalize(len(shape))
         n_in, n_out = shape[d.in_axis], shape[d.out_axis]
         batch = int(math.prod(shape)) // (n_in * n_out)
-        r = min(rank, n_in, n_out)
-        side = projection.choose_side(proj_type, n_in, n_out)
-        basis = {"in": n_in, "out": n_out, "both": n_in + n_out}[side]
-        kept = {"in": n_out, "out": n_in, "both": r}[side]
+        r, basis, kept = _lowrank_sizes(rank, proj_type, n_in, n_out)
         total += batch * (basis * r * p_size + moments * r * kept * m_size)
     return total
 
@@ -241,10 +248,7 @@ def galore8bit_bytes(
             total += 2 * _quantized_bytes(_size(leaf), block_size, min_8bit_size)
             continue
         batch, n_in, n_out = plan
-        r = min(rank, n_in, n_out)
-        side = projection.choose_side(proj_type, n_in, n_out)
-        basis = {"in": n_in, "out": n_out, "both": n_in + n_out}[side]
-        kept = {"in": n_out, "out": n_in, "both": r}[side]
+        r, basis, kept = _lowrank_sizes(rank, proj_type, n_in, n_out)
         p_size = np.dtype(projector_dtype or leaf.dtype).itemsize
         moment = _quantized_bytes(batch * r * kept, block_size, min_8bit_size)
         total += batch * basis * r * p_size + 2 * moment
@@ -460,10 +464,7 @@ def qgalore_bytes(
             total += 2 * _quantized_bytes(_size(leaf), block_size, min_8bit_size)
             continue
         batch, n_in, n_out = plan
-        r = min(rank, n_in, n_out)
-        side = projection.choose_side(proj_type, n_in, n_out)
-        basis = {"in": n_in, "out": n_out, "both": n_in + n_out}[side]
-        kept = {"in": n_out, "out": n_in, "both": r}[side]
+        r, basis, kept = _lowrank_sizes(rank, proj_type, n_in, n_out)
         s_size = np.dtype(projector_dtype or leaf.dtype).itemsize
         codes = basis * r // 2 if pack_projector else basis * r
         groups = basis * r // proj_group_size
