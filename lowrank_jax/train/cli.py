@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--no-skip-nonfinite", dest="skip_nonfinite", action="store_false",
                      help="without the non-finite-step guard (see README)")  # fmt: skip
     mem.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
+    mem.add_argument("--accum-steps", type=int, default=1,
+                     help="microbatches per step (gradient accumulation) [1]")  # fmt: skip
     return parser
 
 
@@ -91,7 +93,7 @@ def _memory(args: argparse.Namespace) -> None:
     fsdp, sep, tensor = args.mesh.partition("x")
     if not (sep and fsdp.isdigit() and tensor.isdigit() and int(fsdp) > 0 and int(tensor) > 0):
         raise ConfigError(f"--mesh must be FSDPxTP with positive sizes (4x2), got {args.mesh!r}")
-    for name in ("batch_size", "seq_len"):
+    for name in ("batch_size", "seq_len", "accum_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
     gib = args.device_memory_gb
@@ -110,6 +112,7 @@ def _memory(args: argparse.Namespace) -> None:
         remat=args.remat,
         vocab_size=args.vocab_size,
         skip_nonfinite=args.skip_nonfinite,
+        accum_steps=args.accum_steps,
     )
     print(format_plan(plan))
 

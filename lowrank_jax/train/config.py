@@ -162,6 +162,12 @@ class RunConfig:
         "separately (a global norm needs every gradient before the first update)",
         identity=True,
     )
+    accum_steps: int = _setting(
+        1,
+        "gradient accumulation: split each batch of --batch-size rows into this many "
+        "microbatches, one forward and backward at a time, summed before the one update (the "
+        "activations are a microbatch's; must divide --batch-size; works with --layerwise)",
+    )
     dtype: str = _setting("float32", "computation dtype: float32 or bfloat16", identity=True)
     param_dtype: str = _setting(
         "float32", "parameter dtype: float32 or bfloat16", identity=True
@@ -228,6 +234,7 @@ class RunConfig:
         positive = [
             "steps",
             "batch_size",
+            "accum_steps",
             "seq_len",
             "eval_every",
             "checkpoint_every",
@@ -263,6 +270,11 @@ class RunConfig:
             raise ConfigError(
                 "--layerwise walks the stacked layers: add --scan-layers (a new run; a checkpoint "
                 "written without it has another layout)"
+            )
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(
+                f"--accum-steps {self.accum_steps} must divide --batch-size {self.batch_size} "
+                "(the batch is split into that many microbatches)"
             )
         if self.clip_per_layer and not self.layerwise:
             raise ConfigError("--clip-per-layer goes with --layerwise")

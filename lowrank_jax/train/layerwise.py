@@ -34,7 +34,14 @@ import optax
 
 from lowrank_jax.transforms._lowrank import layer_offset
 
-__all__ = ["LayerwiseError", "StateSplit", "layerwise_step", "model_pieces", "split_state"]
+__all__ = [
+    "LayerwiseError",
+    "StateSplit",
+    "layerwise_accumulate_step",
+    "layerwise_step",
+    "model_pieces",
+    "split_state",
+]
 
 LAYERS = "layers"  # the params key of the scan-stacked decoder layers
 _WITHOUT = "Train it without layer-wise updates (layerwise=False, no --layerwise)."
@@ -358,52 +365,17 @@ def layerwise_step(
         x_last,
     )
     rest_grads, dx = head_vjp(jnp.ones_like(loss))
-    # the per-layer state leaves as rows, so that one dynamic index picks a layer's slice; only
-    # they travel through the backward loop (updated in place), the rest waits outside
-    rows = {
-        i: _layer_major(state_leaves[i], n_layers)
-        for i, per_layer in split.layer_sources
-        if per_layer
-    }
-    take = lambda tree, index: jax.tree.map(
-        lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree
-    )
+    rows = _state_rows(split, state_leaves)
 
     def backward(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
         dx, stacked, rows, _, layer_sq = carry
         index, residual = xs
-        matrices, state_rows = take(stacked, index), take(rows, index)
-        grads, vector_grads, dx = layer_vjp(matrices, take(vectors, index), residual, index)(dx)
-        grads, norm = _clip(grads, grad_clip)
-        one = lambda t: {LAYERS: jax.tree.map(lambda a: a[None], t)}
-        old_state = layer_state(split, state_rows, state_leaves)
-
-        def apply() -> tuple[Any, Any]:
-            with layer_offset(index):
-                updates, new_state = tx.update(one(grads), old_state, one(matrices))
-            return jax.tree.map(lambda p, u: p + u[0], matrices, updates[LAYERS]), new_state
-
-        # The update runs inside a cond (skipped, leaving the layer unchanged, when its gradient
-        # is not finite). The cond is also where XLA stops fusing: without it the update's
-        # arithmetic (which reads the moments) is fused into the in-place write of the
-        # parameters, and XLA then copies every stacked buffer to keep the writes safe.
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        if not skip_nonfinite:
-            finite = jnp.bool_(True)
-        new_matrices, new_state = jax.lax.cond(finite, apply, lambda: (matrices, old_state))
-        stacked = jax.tree.map(
-            lambda s, p: jax.lax.dynamic_update_index_in_dim(s, p.astype(s.dtype), index, 0),
-            stacked,
-            new_matrices,
+        matrices = _take(stacked, index)
+        grads, vector_grads, dx = layer_vjp(matrices, _take(vectors, index), residual, index)(dx)
+        stacked, rows, shared, sq = _update_layer(
+            tx, split, state_leaves, stacked, rows, grads, index, grad_clip, skip_nonfinite
         )
-        new_rows, shared = layer_rows(split, new_state)
-        rows = {
-            i: jax.lax.dynamic_update_index_in_dim(
-                rows[i], new_rows[i].reshape(rows[i].shape[1:]).astype(rows[i].dtype), index, 0
-            )
-            for i in rows
-        }
-        return (dx, stacked, rows, shared, layer_sq + jnp.square(norm)), vector_grads
+        return (dx, stacked, rows, shared, layer_sq + sq), vector_grads
 
     shared = {i: state_leaves[i] for i, per_layer in split.layer_sources if not per_layer}
     (dx, stacked, rows, shared, layer_sq), vector_grads = jax.lax.scan(
@@ -416,6 +388,199 @@ def layerwise_step(
         rest_grads = {**rest_grads, LAYERS: jax.tree.map(jnp.add, rest_grads[LAYERS], vector_grads)}
     (embed_grads,) = embed_vjp(dx)
     rest_grads = jax.tree.map(jnp.add, rest_grads, embed_grads)
+    params, opt_state, grad_norm = _finish(
+        tx, split, state_leaves, stacked, rows, shared, rest_part, rest_grads, layer_sq,
+        grad_clip, skip_nonfinite,
+    )  # fmt: skip
+    return params, opt_state, loss, grad_norm
+
+
+def layerwise_accumulate_step(
+    model: LayerwiseModel,
+    tx: optax.GradientTransformation,
+    split: StateSplit,
+    params: Any,
+    opt_state: Any,
+    inputs: Any,
+    targets: jax.Array,
+    loss_of_logits: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    grad_clip: float = 0.0,
+    skip_nonfinite: bool = True,
+) -> tuple[Any, Any, jax.Array, jax.Array]:
+    """One layer-wise step over ``k`` microbatches (gradient accumulation); returns
+    ``(params, opt_state, loss, grad_norm)`` of the whole batch, as :func:`layerwise_step`.
+
+    ``inputs`` (a tuple) and ``targets`` carry the microbatches on a leading axis of size
+    ``k``; the loss is the mean of the microbatches' losses, so the gradient is the mean of
+    theirs (equal-sized microbatches: the whole batch's mean loss and gradient).
+
+    The gradients are accumulated one layer at a time, exactly, for every method: the forward
+    pass runs the microbatches one after another through each layer and keeps only each
+    layer's inputs (``k`` microbatches' hidden states per layer, the activations of remat);
+    the backward walk, at layer ``l``, recomputes the layer on each microbatch in turn, sums
+    their weight gradients into one layer-sized buffer, passes each microbatch's input
+    gradient down, and then updates the layer. So what is alive at once is one layer's summed
+    gradient and one microbatch's layer workspace, whatever ``k``; no method-specific
+    (low-rank) accumulator is needed, and a projector refresh sees the whole batch's gradient
+    as in the ordinary step. The price is the remat price: each layer's forward runs twice.
+    """
+    n_layers, k = split.n_layers, targets.shape[0]
+    layer_part, rest_part = partition_params(params)
+    stacked = layer_part[LAYERS]
+    vectors = rest_part.get(LAYERS, {})
+    state_leaves = split.full_treedef.flatten_up_to(opt_state)
+    seed = jnp.asarray(1.0 / k, jnp.float32)
+
+    def embed(rest: Any, microbatch: Any) -> tuple[jax.Array, Any]:
+        return model.embed(merge_params(layer_part, rest), microbatch)
+
+    x0, context = jax.lax.map(lambda mb: embed(rest_part, mb), inputs)
+
+    def run(matrices: Any, vecs: Any, h: jax.Array, ctx: Any, index: jax.Array) -> jax.Array:
+        return model.layer(merge_params(matrices, vecs), h, ctx, index)
+
+    def forward(x: jax.Array, xs: tuple) -> tuple[jax.Array, jax.Array]:
+        matrices, vecs, index = xs
+        y = jax.lax.map(lambda a: run(matrices, vecs, a[0], a[1], index), (x, context))
+        return y, x
+
+    x_last, layer_inputs = jax.lax.scan(forward, x0, (stacked, vectors, jnp.arange(n_layers)))
+
+    def head(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array]:
+        loss_sum, grads_sum = carry
+        x, target = xs
+        loss, vjp = jax.vjp(
+            lambda rest, h: loss_of_logits(model.head(merge_params(layer_part, rest), h), target),
+            rest_part,
+            x,
+        )
+        grads, dx = vjp(seed.astype(loss.dtype))
+        return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), dx
+
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    (loss_sum, rest_grads), dx = jax.lax.scan(
+        head, (jnp.zeros([], jnp.float32), zeros(rest_part)), (x_last, targets)
+    )
+    rows = _state_rows(split, state_leaves)
+
+    def backward(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
+        dx, stacked, rows, _, layer_sq = carry
+        index, saved = xs
+        matrices, vecs = _take(stacked, index), _take(vectors, index)
+
+        def microbatch(sums: tuple, ys: tuple) -> tuple[tuple, jax.Array]:
+            h, ctx, dy = ys
+            vjp = jax.vjp(lambda m, v, a: run(m, v, a, ctx, index), matrices, vecs, h)[1]
+            grads, vector_grads, dh = vjp(dy)
+            return jax.tree.map(jnp.add, sums, (grads, vector_grads)), dh
+
+        (grads, vector_grads), dx = jax.lax.scan(
+            microbatch, (zeros(matrices), zeros(vecs)), (saved, context, dx)
+        )
+        stacked, rows, shared, sq = _update_layer(
+            tx, split, state_leaves, stacked, rows, grads, index, grad_clip, skip_nonfinite
+        )
+        return (dx, stacked, rows, shared, layer_sq + sq), vector_grads
+
+    shared = {i: state_leaves[i] for i, per_layer in split.layer_sources if not per_layer}
+    (dx, stacked, rows, shared, layer_sq), vector_grads = jax.lax.scan(
+        backward,
+        (dx, stacked, rows, shared, jnp.zeros([], jnp.float32)),
+        (jnp.arange(n_layers), layer_inputs),
+        reverse=True,
+    )
+    if vectors:
+        rest_grads = {**rest_grads, LAYERS: jax.tree.map(jnp.add, rest_grads[LAYERS], vector_grads)}
+
+    def embed_grads(sums: Any, xs: tuple) -> tuple[Any, None]:
+        microbatch, dy = xs
+        (grads,) = jax.vjp(lambda rest: embed(rest, microbatch), rest_part, has_aux=True)[1](dy)
+        return jax.tree.map(jnp.add, sums, grads), None
+
+    rest_grads, _ = jax.lax.scan(embed_grads, rest_grads, (inputs, dx))
+    params, opt_state, grad_norm = _finish(
+        tx, split, state_leaves, stacked, rows, shared, rest_part, rest_grads, layer_sq,
+        grad_clip, skip_nonfinite,
+    )  # fmt: skip
+    return params, opt_state, loss_sum / k, grad_norm
+
+
+def _take(tree: Any, index: jax.Array) -> Any:
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
+
+
+def _state_rows(split: StateSplit, state_leaves: list) -> dict:
+    """The per-layer state leaves as rows (``[L, ...]``), so that one dynamic index picks a
+    layer's slice; only they travel through the backward loop (updated in place)."""
+    return {
+        i: _layer_major(state_leaves[i], split.n_layers)
+        for i, per_layer in split.layer_sources
+        if per_layer
+    }
+
+
+def _update_layer(
+    tx: optax.GradientTransformation,
+    split: StateSplit,
+    state_leaves: list,
+    stacked: Any,
+    rows: dict,
+    grads: Any,
+    index: jax.Array,
+    grad_clip: float,
+    skip_nonfinite: bool,
+) -> tuple[Any, dict, dict, jax.Array]:
+    """Applies ``tx`` to layer ``index`` with its gradient ``grads`` and writes the layer's
+    parameters and state rows back in place; returns ``(stacked, rows, shared, |grads|^2)``
+    (the norm before clipping)."""
+    matrices, state_rows = _take(stacked, index), _take(rows, index)
+    grads, norm = _clip(grads, grad_clip)
+    one = lambda t: {LAYERS: jax.tree.map(lambda a: a[None], t)}
+    old_state = layer_state(split, state_rows, state_leaves)
+
+    def apply() -> tuple[Any, Any]:
+        with layer_offset(index):
+            updates, new_state = tx.update(one(grads), old_state, one(matrices))
+        return jax.tree.map(lambda p, u: p + u[0], matrices, updates[LAYERS]), new_state
+
+    # The update runs inside a cond (skipped, leaving the layer unchanged, when its gradient
+    # is not finite). The cond is also where XLA stops fusing: without it the update's
+    # arithmetic (which reads the moments) is fused into the in-place write of the
+    # parameters, and XLA then copies every stacked buffer to keep the writes safe.
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    if not skip_nonfinite:
+        finite = jnp.bool_(True)
+    new_matrices, new_state = jax.lax.cond(finite, apply, lambda: (matrices, old_state))
+    stacked = jax.tree.map(
+        lambda s, p: jax.lax.dynamic_update_index_in_dim(s, p.astype(s.dtype), index, 0),
+        stacked,
+        new_matrices,
+    )
+    new_rows, shared = layer_rows(split, new_state)
+    rows = {
+        i: jax.lax.dynamic_update_index_in_dim(
+            rows[i], new_rows[i].reshape(rows[i].shape[1:]).astype(rows[i].dtype), index, 0
+        )
+        for i in rows
+    }
+    return stacked, rows, shared, jnp.square(norm)
+
+
+def _finish(
+    tx: optax.GradientTransformation,
+    split: StateSplit,
+    state_leaves: list,
+    stacked: Any,
+    rows: dict,
+    shared: dict,
+    rest_part: Any,
+    rest_grads: Any,
+    layer_sq: jax.Array,
+    grad_clip: float,
+    skip_nonfinite: bool,
+) -> tuple[Any, Any, jax.Array]:
+    """Updates the other leaves and reassembles ``(params, opt_state, global grad norm)``."""
     rest_grads, rest_norm = _clip(rest_grads, grad_clip)
     leaves = list(state_leaves)
     for i, row in rows.items():
@@ -432,11 +597,10 @@ def layerwise_step(
             (new_rest_part, new_rest_state),
             (rest_part, old_rest_state),
         )
-    rest_part = new_rest_part
     leaves = scatter_rest_state(split, leaves, new_rest_state)
-    params = merge_params({LAYERS: stacked}, rest_part)
+    params = merge_params({LAYERS: stacked}, new_rest_part)
     grad_norm = jnp.sqrt(layer_sq + jnp.square(rest_norm))
-    return params, split.full_treedef.unflatten(leaves), loss, grad_norm
+    return params, split.full_treedef.unflatten(leaves), grad_norm
 
 
 def model_pieces(graphdef: Any, params: Any) -> LayerwiseModel:

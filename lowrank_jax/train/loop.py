@@ -311,6 +311,7 @@ class _Setup:
             batch_sharding=self.batch_sharding,
             layerwise=cfg.layerwise,
             clip_per_layer=cfg.clip_per_layer,
+            accum_steps=cfg.accum_steps,
         )
         batch = jax.ShapeDtypeStruct(
             (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=self.batch_sharding

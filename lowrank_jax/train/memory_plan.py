@@ -165,6 +165,7 @@ def plan_memory(
     vocab_size: int | None = None,
     num_layers: int | None = None,
     skip_nonfinite: bool = True,
+    accum_steps: int = 1,
 ) -> MemoryPlan:
     """Compiles the train step abstractly and measures it (see the module docstring).
 
@@ -186,6 +187,7 @@ def plan_memory(
       skip_nonfinite: the train step's non-finite guard (see
         :func:`~lowrank_jax.train.step.make_train_step`; it costs GaLore's ordinary step its
         projected-back updates).
+      accum_steps: microbatches per step (gradient accumulation; must divide ``batch_size``).
 
     Returns:
       A :class:`MemoryPlan`.
@@ -249,13 +251,15 @@ def plan_memory(
         grad_clip=0.0,
         layerwise=layerwise,
         skip_nonfinite=skip_nonfinite,
+        accum_steps=accum_steps,
         state_sharding=state_sharding,
         batch_sharding=batch_sharding,
     )
     where = target if target in ("cpu", "gpu") else f"{target} ({devices[0].device_kind})"
     description = (
         f"{model} ({_count(config.num_params())} params), {optimizer}"
-        f"{' layer-wise' if layerwise else ''}, batch {batch_size} x {seq_len}, {dtype}, "
+        f"{' layer-wise' if layerwise else ''}, batch {batch_size} x {seq_len}"
+        f"{f' in {accum_steps} microbatches' if accum_steps > 1 else ''}, {dtype}, "
         f"{where}, mesh {fsdp}x{tensor}"
     )
     began = time.perf_counter()

@@ -134,6 +134,23 @@ def _loss_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
     return loss
 
 
+def microbatches(batch: jax.Array, k: int) -> jax.Array:
+    """``batch`` (``[rows, ...]``) as ``k`` microbatches ``[k, rows / k, ...]``: microbatch
+    ``m`` takes rows ``m, m + k, m + 2k, ...``, so that each device's block of a batch sharded
+    by rows holds a share of every microbatch.
+
+    Raises:
+      ValueError: ``k`` does not divide the number of rows.
+    """
+    rows = batch.shape[0]
+    if rows % k:
+        raise ValueError(
+            f"accum_steps={k} must divide the batch size {rows} (--batch-size is the whole "
+            "batch; each microbatch has batch_size / accum_steps rows)"
+        )
+    return batch.reshape(rows // k, k, *batch.shape[1:]).swapaxes(0, 1)
+
+
 def _finite(*scalars: jax.Array) -> jax.Array:
     """``True`` when every scalar is finite. Applied to norms: a norm is finite exactly when
     every element it sums is (short of float overflow), and costs one reduction."""
@@ -151,6 +168,7 @@ def make_train_step(
     layerwise: bool = False,
     clip_per_layer: bool = False,
     skip_nonfinite: bool = True,
+    accum_steps: int = 1,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
@@ -173,6 +191,14 @@ def make_train_step(
     the other leaves when theirs is): the layers updated before it in the backward walk keep
     their update.
 
+    With ``accum_steps=k`` the batch is split into ``k`` microbatches (rows ``m, m + k, ...``
+    form microbatch ``m``, so a batch sharded over devices stays balanced) whose gradients are
+    summed one after another before the one update (gradient accumulation): the activations
+    are one microbatch's, the loss and the gradient are the whole batch's mean. The layer-wise
+    step accumulates too, exactly and one layer at a time for every method
+    (:func:`~lowrank_jax.train.layerwise.layerwise_accumulate_step`: the microbatches pass
+    through each layer in turn, and each layer's gradient is their sum before its update).
+
     Args:
       graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
       tx: any optax transformation.
@@ -185,6 +211,7 @@ def make_train_step(
       layerwise: apply ``tx`` layer by layer inside the backward pass.
       clip_per_layer: with ``layerwise``, clip per layer (see above).
       skip_nonfinite: skip non-finite steps (``False``: apply them, NaNs and all).
+      accum_steps: microbatches per step; must divide the batch size.
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
@@ -200,15 +227,30 @@ def make_train_step(
       >>> int(state.step), bool(metrics["skipped"])
       (1, False)
     """
+    if not isinstance(accum_steps, int) or isinstance(accum_steps, bool) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
     if layerwise:
-        step = _layerwise_step(graphdef, tx, grad_clip, clip_per_layer, schedule, skip_nonfinite)
+        step = _layerwise_step(
+            graphdef, tx, grad_clip, clip_per_layer, schedule, skip_nonfinite, accum_steps
+        )
         return _jit(step, state_sharding, batch_sharding)
     if clip_per_layer:
         raise ValueError("clip_per_layer=True goes with layerwise=True")
     loss_fn = _loss_fn(graphdef)
 
+    def loss_and_grads(params: Any, batch: jax.Array) -> tuple[jax.Array, Any]:
+        if accum_steps == 1:
+            return jax.value_and_grad(loss_fn)(params, batch)
+        part = jax.value_and_grad(lambda p, mb: loss_fn(p, mb) / accum_steps)
+
+        def microbatch(sums: tuple, mb: jax.Array) -> tuple[tuple, None]:
+            return jax.tree.map(jnp.add, sums, part(params, mb)), None
+
+        zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        return jax.lax.scan(microbatch, zeros, microbatches(batch, accum_steps))[0]
+
     def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        loss, grads = loss_and_grads(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         if grad_clip > 0:
             factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
@@ -225,9 +267,7 @@ def make_train_step(
             # cost: the gradients are the cond's operands, alive until the last leaf is
             # updated, which matters when the update is not elementwise (GaLore's projected-
             # back updates: +3.2 GB of temporaries at llama_1b; skip_nonfinite=False frees it)
-            params, opt_state = jax.lax.cond(
-                finite, apply, lambda: (state.params, state.opt_state)
-            )
+            params, opt_state = jax.lax.cond(finite, apply, lambda: (state.params, state.opt_state))
         else:
             params, opt_state = apply()
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
@@ -249,6 +289,7 @@ def _layerwise_step(
     clip_per_layer: bool,
     schedule: optax.Schedule | None,
     skip_nonfinite: bool,
+    accum_steps: int,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     if grad_clip > 0 and not clip_per_layer:
         raise ValueError(
@@ -260,18 +301,33 @@ def _layerwise_step(
     def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         pieces = layerwise.model_pieces(graphdef, state.params)
         split = layerwise.split_state(tx, state.params, method=_describe(tx))
-        params, opt_state, loss, grad_norm = layerwise.layerwise_step(
-            pieces,
-            tx,
-            split,
-            state.params,
-            state.opt_state,
-            (batch[:, :-1],),
-            lambda logits: cross_entropy(logits, batch[:, 1:]),
-            grad_clip=grad_clip,
-            recompute=bool(getattr(nnx.merge(graphdef, state.params).config, "remat", False)),
-            skip_nonfinite=skip_nonfinite,
-        )
+        if accum_steps > 1:
+            micro = microbatches(batch, accum_steps)
+            params, opt_state, loss, grad_norm = layerwise.layerwise_accumulate_step(
+                pieces,
+                tx,
+                split,
+                state.params,
+                state.opt_state,
+                (micro[:, :, :-1],),
+                micro[:, :, 1:],
+                cross_entropy,
+                grad_clip=grad_clip,
+                skip_nonfinite=skip_nonfinite,
+            )
+        else:
+            params, opt_state, loss, grad_norm = layerwise.layerwise_step(
+                pieces,
+                tx,
+                split,
+                state.params,
+                state.opt_state,
+                (batch[:, :-1],),
+                lambda logits: cross_entropy(logits, batch[:, 1:]),
+                grad_clip=grad_clip,
+                recompute=bool(getattr(nnx.merge(graphdef, state.params).config, "remat", False)),
+                skip_nonfinite=skip_nonfinite,
+            )
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
         metrics = {
             "loss": loss,
