@@ -16,6 +16,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from lowrank_jax.train import plot
 from lowrank_jax.train.config import (
     ConfigError,
     RunConfig,
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--no-skip-nonfinite", dest="skip_nonfinite", action="store_false",
                      help="without the non-finite-step guard (see README)")  # fmt: skip
     mem.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
+    plot.add_command(commands)  # lowrank-jax plot RUN_DIR ... [--out FILE]
     return parser
 
 
@@ -154,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "optimizers":
         _list_optimizers()
         return 0
+    if args.command == "plot":
+        return plot.run_command(args)
     if args.command == "memory":
         try:
             _memory(args)
