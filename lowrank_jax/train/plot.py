@@ -11,6 +11,7 @@ and have no bar. matplotlib is imported only when a figure is drawn.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -127,8 +128,8 @@ def _label(config: dict[str, Any], summary: dict[str, Any] | None, run_dir: str)
 def figure_data(runs: list[RunCurves]) -> dict[str, dict[str, Any]]:
     """What the figure shows, by panel and by label (labels made unique).
 
-    Two runs with the same label (e.g. GaLore at two learning rates) get their directory
-    names appended.
+    Runs with the same label (e.g. GaLore at two learning rates) get their directory names
+    appended (their paths, where the names repeat too).
 
     Args:
       runs: the runs, in legend order.
@@ -139,12 +140,13 @@ def figure_data(runs: list[RunCurves]) -> dict[str, dict[str, Any]]:
       "tokens_per_s": {label: tokens/s}}``; a bar panel holds only the runs whose summary
       records that figure, a curve panel only the runs with points in it.
     """
-    labels = [run.label for run in runs]
+    counts = collections.Counter(run.label for run in runs)
+    names = [os.path.basename(os.path.normpath(run.run_dir)) for run in runs]
+    if len(set(names)) < len(names):  # runs/a/galore and runs/b/galore: the paths as given
+        names = [run.run_dir for run in runs]
     labels = [
-        f"{label} [{os.path.basename(os.path.normpath(run.run_dir))}]"
-        if labels.count(label) > 1
-        else label
-        for label, run in zip(labels, runs)
+        f"{run.label} [{name}]" if counts[run.label] > 1 else run.label
+        for run, name in zip(runs, names)
     ]
     data: dict[str, dict[str, Any]] = {
         key: {} for key in ("train_loss", "val_loss", "opt_state_mb", "adamw_state_mb")
@@ -257,10 +259,13 @@ def add_command(commands: Any) -> None:
     plot = commands.add_parser(
         "plot",
         help="draw the loss curves, state memory and throughput of runs into a PNG",
-        description=__doc__.split("\n\n")[1],
+        description="Draws the training and the validation loss of runs (each RUN_DIR's "
+        "metrics.jsonl, labelled by the optimizer in its config.json) on one figure, with bar "
+        "charts of the optimizer-state memory and the throughput from the runs' summaries, "
+        "and saves it as a PNG. Needs matplotlib.",
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's --out directory")
-    plot.add_argument("--out", default="runs.png", help="the PNG to write [runs.png]")
+    plot.add_argument("--out", default="runs.png", metavar="FILE", help="the PNG [runs.png]")
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -106,6 +106,11 @@ def test_labels_method_layerwise_and_duplicates(tmp_path):
         "galore [lr1e-3]",
     ]
     assert data["train_loss"]["galore [lr1e-3]"] == ([1, 2], [3.0, 2.5])
+    c = _write_run(tmp_path / "other" / "lr1e-2", "galore", [1.0], {})
+    assert list(figure_data([read_run(a), read_run(c)])["train_loss"]) == [
+        f"galore [{a}]",
+        f"galore [{c}]",
+    ]
 
 
 def test_a_run_without_summary_has_curves_and_no_bars(tmp_path):
