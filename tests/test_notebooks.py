@@ -9,9 +9,36 @@ import pytest
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "colab").glob("*.ipynb"))
 
+# What each notebook must have shown, checked in its kernel after its last cell. A new
+# notebook needs its entry here (test_every_notebook_has_a_final_check).
+FINAL_CHECKS = {
+    "lowrank_jax_quickstart.ipynb": 'assert runs["galore"][-1] < runs["galore"][0], runs',
+    "memory_planner.ipynb": "\n".join(
+        [
+            "assert len(plans) == 6 and all(p.fits for p in plans.values()), plans",
+            "for layerwise in (False, True):",
+            "    state = [plans[(name, layerwise)].state_bytes for name in OPTIMIZERS]",
+            "    assert state[2] < state[1] < state[0], state  # 8-bit GaLore < GaLore < AdamW",
+            "assert [len(ax.patches) for ax in axes] == [6, 6], axes",
+        ]
+    ),
+    "sharding.ipynb": "\n".join(
+        [
+            "assert mesh.shape == {'fsdp': 4, 'tensor': 2}, mesh",
+            "assert len(q_kernel.sharding.device_set) == 8, q_kernel.sharding",
+            "assert q_kernel.sharding.spec == P('fsdp', 'tensor'), q_kernel.sharding",
+            "assert losses[-1] < losses[0] - 1.0, losses",
+        ]
+    ),
+}
+
 
 def test_there_is_a_notebook():
     assert NOTEBOOKS
+
+
+def test_every_notebook_has_a_final_check():
+    assert sorted(FINAL_CHECKS) == [path.name for path in NOTEBOOKS]
 
 
 def _first_code_cell(path):
@@ -47,9 +74,7 @@ def test_notebook_runs_as_a_notebook(path):
     import nbformat
 
     notebook = nbformat.read(str(path), as_version=4)
-    notebook.cells.append(
-        nbformat.v4.new_code_cell('assert runs["galore"][-1] < runs["galore"][0], runs')
-    )
+    notebook.cells.append(nbformat.v4.new_code_cell(FINAL_CHECKS[path.name]))
     client = nbclient.NotebookClient(
         notebook,
         timeout=600,

@@ -16,6 +16,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from lowrank_jax.train import plot
 from lowrank_jax.train.config import (
     ConfigError,
     RunConfig,
@@ -28,7 +29,8 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lowrank-jax`` argument parser (subcommands ``train``, ``optimizers``, ``memory``)."""
+    """The ``lowrank-jax`` argument parser (subcommands ``train``, ``optimizers``, ``memory``,
+    ``plot``)."""
     parser = argparse.ArgumentParser(
         prog="lowrank-jax", description="Memory-efficient LLM training with low-rank methods."
     )
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
     mem.add_argument("--accum-steps", type=int, default=1,
                      help="microbatches per step (gradient accumulation) [1]")  # fmt: skip
+    plot.add_command(commands)  # lowrank-jax plot RUN_DIR ... [--out FILE]
     return parser
 
 
@@ -157,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "optimizers":
         _list_optimizers()
         return 0
+    if args.command == "plot":
+        return plot.run_command(args)
     if args.command == "memory":
         try:
             _memory(args)
