@@ -10,6 +10,7 @@ the compile time and the per-chip peak next to AdamW's, and writes JSON.
     python benchmarks/tpu_compile.py --models llama_7b --mesh 4x1 \
         --optimizers adamw,galore_adamw_8bit
     python benchmarks/tpu_compile.py --target tpu-v4 --mesh 2x2
+    python benchmarks/tpu_compile.py --models llama_60m --optimizers all   # every registered one
     python benchmarks/tpu_compile.py --target cpu --dtype float32 --models llama_1b \
         --optimizers sgd,adamw,galore,galore_randomized,galore_adamw_8bit  # the CPU backend
 
@@ -32,6 +33,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from lowrank_jax import memory  # noqa: E402
+from lowrank_jax.train.layerwise import LayerwiseError  # noqa: E402
 from lowrank_jax.train.memory_plan import plan_memory  # noqa: E402
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
@@ -53,27 +55,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     fsdp, tensor = (int(n) for n in args.mesh.split("x"))
+    names = args.optimizers.split(",")
+    if args.optimizers == "all":  # every registered optimizer
+        from lowrank_jax.train.registry import available_optimizers
+
+        names = list(available_optimizers())
     rows = []
     for model in args.models.split(","):
-        for name in args.optimizers.split(","):
+        for name in names:
             optimizer, options = name, {}
             if name == "galore_randomized":
                 optimizer, options = "galore", {"basis": "randomized"}
             elif name == "sgd":  # the floor: no state, the gradients and activations only
                 optimizer = optax.sgd(1e-3)
             for mode in args.modes.split(","):
-                plan = plan_memory(
-                    model,
-                    optimizer,
-                    layerwise=mode == "layerwise",
-                    batch_size=args.batch_size,
-                    seq_len=args.seq_len,
-                    dtype=args.dtype,
-                    rank=RANKS.get(model),
-                    options=options,
-                    target=args.target,
-                    mesh=(fsdp, tensor),
-                )
+                try:
+                    plan = plan_memory(
+                        model,
+                        optimizer,
+                        layerwise=mode == "layerwise",
+                        batch_size=args.batch_size,
+                        seq_len=args.seq_len,
+                        dtype=args.dtype,
+                        rank=RANKS.get(model),
+                        options=options,
+                        target=args.target,
+                        mesh=(fsdp, tensor),
+                    )
+                except LayerwiseError as err:  # LISA, OwLore, BAdam: refused by name
+                    print(f"{model:10s} {name:18s} {mode:9s} refused: {str(err)[:90]}", flush=True)
+                    rows.append({"model": model, "optimizer": name, "mode": mode,
+                                 "refused": str(err)})  # fmt: skip
+                    continue
                 row = {
                     "model": model,
                     "optimizer": name,
