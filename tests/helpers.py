@@ -45,6 +45,7 @@ def assert_trees_equal(a, b):
 
 # the GaLore tests' tree and gradient stream
 
+
 def make_params(key, dtype=jnp.float32):
     k = jax.random.split(key, 4)
     return {
@@ -61,10 +62,8 @@ def make_params(key, dtype=jnp.float32):
 def grad_stream(params, n, seed=1):
     keys = jax.random.split(jax.random.key(seed), n)
     return [
-        jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), params)
-        for k in keys
+        jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), params) for k in keys
     ]
-
 
 
 # the LISA tests' LLaMA-like trees
@@ -129,7 +128,6 @@ def llama_1b(stacked=False):
     }
 
 
-
 # the memory tests' tree
 PARAMS = {
     "embed": {"embedding": SDS((1000, 64), jnp.float32)},
@@ -142,3 +140,41 @@ PARAMS = {
     "lm_head": {"kernel": SDS((64, 1000), jnp.bfloat16)},
 }
 
+
+def losses_on_a_4x2_mesh(graphdef, tx, params, data, config, **step_options):
+    """The losses of ``make_train_step(graphdef, tx, **step_options)`` run over ``data`` with
+    the parameters, the optimizer state and the batch sharded on a 4x2 (fsdp x tensor) mesh of
+    8 devices; ``config`` is the model's ``LlamaConfig`` (for the parameter specs)."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lowrank_jax import sharding
+    from lowrank_jax.models import Llama
+    from lowrank_jax.train.step import TrainState, make_train_step
+
+    mesh = sharding.make_mesh(4, 2, explicit=False)
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    specs = sharding.param_specs(nnx.state(abstract, nnx.Param))
+    specs = jax.tree.map(
+        lambda x, s: sharding.fit_spec(x.shape, s, mesh), params, specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )  # fmt: skip
+    state_sharding = sharding.named(
+        TrainState(P(), specs, sharding.state_specs(tx, params, specs, mesh)), mesh
+    )
+    batch_sharding = NamedSharding(mesh, P("fsdp"))
+    with jax.set_mesh(mesh):
+        step = make_train_step(
+            graphdef, tx, state_sharding=state_sharding, batch_sharding=batch_sharding,
+            **step_options,
+        )  # fmt: skip
+        state = jax.device_put(
+            TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params)),
+            state_sharding,
+        )
+        losses = []
+        for batch in data:
+            state, metrics = step(state, jax.device_put(batch, batch_sharding))
+            losses.append(float(metrics["loss"]))
+    return losses, state, state_sharding

@@ -365,24 +365,12 @@ def layerwise_step(
         x_last,
     )
     rest_grads, dx = head_vjp(jnp.ones_like(loss))
-    rows = _state_rows(split, state_leaves)
 
-    def backward(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
-        dx, stacked, rows, _, layer_sq = carry
-        index, residual = xs
-        matrices = _take(stacked, index)
-        grads, vector_grads, dx = layer_vjp(matrices, _take(vectors, index), residual, index)(dx)
-        stacked, rows, shared, sq = _update_layer(
-            tx, split, state_leaves, stacked, rows, grads, index, grad_clip, skip_nonfinite
-        )
-        return (dx, stacked, rows, shared, layer_sq + sq), vector_grads
+    def layer_grads(matrices: Any, index: jax.Array, residual: Any, dx: jax.Array) -> tuple:
+        return layer_vjp(matrices, _take(vectors, index), residual, index)(dx)
 
-    shared = {i: state_leaves[i] for i, per_layer in split.layer_sources if not per_layer}
-    (dx, stacked, rows, shared, layer_sq), vector_grads = jax.lax.scan(
-        backward,
-        (dx, stacked, rows, shared, jnp.zeros([], jnp.float32)),
-        (jnp.arange(n_layers), saved),
-        reverse=True,
+    dx, stacked, rows, shared, layer_sq, vector_grads = _walk(
+        tx, split, state_leaves, stacked, dx, saved, layer_grads, grad_clip, skip_nonfinite
     )
     if vectors:
         rest_grads = {**rest_grads, LAYERS: jax.tree.map(jnp.add, rest_grads[LAYERS], vector_grads)}
@@ -462,12 +450,9 @@ def layerwise_accumulate_step(
     (loss_sum, rest_grads), dx = jax.lax.scan(
         head, (jnp.zeros([], jnp.float32), zeros(rest_part)), (x_last, targets)
     )
-    rows = _state_rows(split, state_leaves)
 
-    def backward(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
-        dx, stacked, rows, _, layer_sq = carry
-        index, saved = xs
-        matrices, vecs = _take(stacked, index), _take(vectors, index)
+    def layer_grads(matrices: Any, index: jax.Array, saved: jax.Array, dx: jax.Array) -> tuple:
+        vecs = _take(vectors, index)
 
         def microbatch(sums: tuple, ys: tuple) -> tuple[tuple, jax.Array]:
             h, ctx, dy = ys
@@ -478,17 +463,10 @@ def layerwise_accumulate_step(
         (grads, vector_grads), dx = jax.lax.scan(
             microbatch, (zeros(matrices), zeros(vecs)), (saved, context, dx)
         )
-        stacked, rows, shared, sq = _update_layer(
-            tx, split, state_leaves, stacked, rows, grads, index, grad_clip, skip_nonfinite
-        )
-        return (dx, stacked, rows, shared, layer_sq + sq), vector_grads
+        return grads, vector_grads, dx
 
-    shared = {i: state_leaves[i] for i, per_layer in split.layer_sources if not per_layer}
-    (dx, stacked, rows, shared, layer_sq), vector_grads = jax.lax.scan(
-        backward,
-        (dx, stacked, rows, shared, jnp.zeros([], jnp.float32)),
-        (jnp.arange(n_layers), layer_inputs),
-        reverse=True,
+    dx, stacked, rows, shared, layer_sq, vector_grads = _walk(
+        tx, split, state_leaves, stacked, dx, layer_inputs, layer_grads, grad_clip, skip_nonfinite
     )
     if vectors:
         rest_grads = {**rest_grads, LAYERS: jax.tree.map(jnp.add, rest_grads[LAYERS], vector_grads)}
@@ -504,6 +482,42 @@ def layerwise_accumulate_step(
         grad_clip, skip_nonfinite,
     )  # fmt: skip
     return params, opt_state, loss_sum / k, grad_norm
+
+
+def _walk(
+    tx: optax.GradientTransformation,
+    split: StateSplit,
+    state_leaves: list,
+    stacked: Any,
+    dx: Any,
+    saved: Any,
+    layer_grads: Callable,
+    grad_clip: float,
+    skip_nonfinite: bool,
+) -> tuple:
+    """The backward walk over the stacked layers, last first: at layer ``l``,
+    ``layer_grads(matrices, l, saved[l], dx) -> (grads, vector_grads, dx)`` gives its
+    gradients and the layer is updated at once (:func:`_update_layer`). Returns ``(dx,
+    stacked, rows, shared, sum of the layers' squared gradient norms, vector_grads)``."""
+    rows = _state_rows(split, state_leaves)
+
+    def backward(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
+        dx, stacked, rows, _, layer_sq = carry
+        index, residual = xs
+        grads, vector_grads, dx = layer_grads(_take(stacked, index), index, residual, dx)
+        stacked, rows, shared, sq = _update_layer(
+            tx, split, state_leaves, stacked, rows, grads, index, grad_clip, skip_nonfinite
+        )
+        return (dx, stacked, rows, shared, layer_sq + sq), vector_grads
+
+    shared = {i: state_leaves[i] for i, per_layer in split.layer_sources if not per_layer}
+    (dx, stacked, rows, shared, layer_sq), vector_grads = jax.lax.scan(
+        backward,
+        (dx, stacked, rows, shared, jnp.zeros([], jnp.float32)),
+        (jnp.arange(split.n_layers), saved),
+        reverse=True,
+    )
+    return dx, stacked, rows, shared, layer_sq, vector_grads
 
 
 def _take(tree: Any, index: jax.Array) -> Any:

@@ -8,15 +8,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import lowrank_jax as lr
-from lowrank_jax import memory, sharding
+from lowrank_jax import memory
 from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train import RunConfig, train
 from lowrank_jax.train.config import ConfigError
 from lowrank_jax.train.step import TrainState, make_train_step, microbatches
+from tests.helpers import losses_on_a_4x2_mesh
 from tests.train.runs import TINY
 from tests.train.runs import losses as _losses
 
@@ -125,35 +124,10 @@ def test_layerwise_accumulation_on_a_4x2_mesh_equals_one_device():
     data = batches(2, rows=8)  # 8 rows: 2 microbatches of 4, one row of each per fsdp device
     _, want, _ = run(make_train_step(graphdef, tx, layerwise=True, accum_steps=K), tx, params,
                      data)  # fmt: skip
-    mesh = sharding.make_mesh(4, 2, explicit=False)
-    abstract = nnx.eval_shape(
-        lambda: Llama(
-            get_config("llama_tiny", vocab_size=VOCAB, num_layers=LAYERS, scan_layers=True),
-            rngs=nnx.Rngs(0),
-        )
+    config = get_config("llama_tiny", vocab_size=VOCAB, num_layers=LAYERS, scan_layers=True)
+    losses, _, _ = losses_on_a_4x2_mesh(
+        graphdef, tx, params, data, config, layerwise=True, accum_steps=K
     )
-    specs = sharding.param_specs(nnx.state(abstract, nnx.Param))
-    specs = jax.tree.map(
-        lambda x, s: sharding.fit_spec(x.shape, s, mesh), params, specs,
-        is_leaf=lambda x: isinstance(x, P),
-    )  # fmt: skip
-    state_sharding = sharding.named(
-        TrainState(P(), specs, sharding.state_specs(tx, params, specs, mesh)), mesh
-    )
-    batch_sharding = NamedSharding(mesh, P("fsdp"))
-    with jax.set_mesh(mesh):
-        step = make_train_step(
-            graphdef, tx, layerwise=True, accum_steps=K, state_sharding=state_sharding,
-            batch_sharding=batch_sharding,
-        )  # fmt: skip
-        state = jax.device_put(
-            TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params)),
-            state_sharding,
-        )
-        losses = []
-        for batch in data:
-            state, metrics = step(state, jax.device_put(batch, batch_sharding))
-            losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, want, rtol=1e-4)
 
 

@@ -7,14 +7,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import lowrank_jax as lr
-from lowrank_jax import sharding
 from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train import layerwise
 from lowrank_jax.train.step import TrainState, make_train_step
+from tests.helpers import losses_on_a_4x2_mesh
 
 VOCAB, LAYERS, STEPS = 64, 2, 10
 
@@ -109,8 +107,7 @@ def test_per_layer_clipping_clips_each_layer_and_reports_the_global_norm():
     moved = jax.tree.map(lambda a, b: a - b, params, new.params)
     layer_part, rest_part = layerwise.partition_params(moved)
     per_layer = [
-        float(optax.tree.norm(jax.tree.map(lambda x, i=i: x[i], layer_part)))
-        for i in range(LAYERS)
+        float(optax.tree.norm(jax.tree.map(lambda x, i=i: x[i], layer_part))) for i in range(LAYERS)
     ]
     np.testing.assert_allclose(per_layer, 1e-3, rtol=1e-3)  # each layer clipped on its own
     np.testing.assert_allclose(float(optax.tree.norm(rest_part)), 1e-3, rtol=1e-3)
@@ -122,31 +119,10 @@ def test_layerwise_on_a_4x2_mesh_equals_one_device():
     tx = METHODS["galore_svd"]()
     data = batches(4, rows=8)  # the batch is split over the 4-way fsdp axis
     _, want, _ = run(make_train_step(graphdef, tx, layerwise=True), tx, params, data)
-    mesh = sharding.make_mesh(4, 2, explicit=False)
-    abstract = nnx.eval_shape(lambda: Llama(get_config(
-        "llama_tiny", vocab_size=VOCAB, num_layers=LAYERS, scan_layers=True), rngs=nnx.Rngs(0)))
-    specs = sharding.param_specs(nnx.state(abstract, nnx.Param))
-    specs = jax.tree.map(
-        lambda x, s: sharding.fit_spec(x.shape, s, mesh), params, specs,
-        is_leaf=lambda x: isinstance(x, P),
+    config = get_config("llama_tiny", vocab_size=VOCAB, num_layers=LAYERS, scan_layers=True)
+    losses, state, state_sharding = losses_on_a_4x2_mesh(
+        graphdef, tx, params, data, config, layerwise=True
     )
-    state_sharding = sharding.named(
-        TrainState(P(), specs, sharding.state_specs(tx, params, specs, mesh)), mesh
-    )
-    batch_sharding = NamedSharding(mesh, P("fsdp"))
-    with jax.set_mesh(mesh):
-        step = make_train_step(
-            graphdef, tx, layerwise=True, state_sharding=state_sharding,
-            batch_sharding=batch_sharding,
-        )
-        state = jax.device_put(
-            TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params)),
-            state_sharding,
-        )
-        losses = []
-        for batch in data:
-            state, metrics = step(state, jax.device_put(batch, batch_sharding))
-            losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, want, rtol=1e-4)
     kernel = state.params["layers"]["attn"]["q_proj"]["kernel"]
     assert kernel.sharding.spec == state_sharding.params["layers"]["attn"]["q_proj"]["kernel"].spec
