@@ -1,0 +1,558 @@
+"""``lowrank-jax finetune`` and ``lowrank-jax generate``: supervised fine-tuning of a pretrained
+checkpoint in one command, and sampling from the result.
+
+``finetune`` loads a model and its tokenizer (a local HF checkpoint directory, a ``.gguf`` file
+or a hub id: :func:`~lowrank_jax.models.pretrained.load_pretrained`), reads a JSONL file of
+prompt/response, messages or text records (or a plain-text file;
+:func:`~lowrank_jax.data.sft.read_examples`), holds out a seeded ``val_fraction`` of the
+records, packs the rest into rows of ``max_seq_len`` tokens
+(:func:`~lowrank_jax.data.sft_packing.pack_examples`, documents kept apart by segment ids) and
+trains on the response tokens only:
+
+* an adapter method (``lora``, ``dora``, ``pissa``, ... :data:`ADAPTER_METHODS`): the model is
+  wrapped by :func:`lowrank_jax.reparam.wrap` (optionally on an NF4/int8 base: QLoRA) and AdamW
+  trains the adapters; the adapter is exported as a PEFT directory (LoRA, DoRA and the
+  residual inits, converted by :func:`~lowrank_jax.reparam.to_base_lora`) or in
+  :func:`lowrank_jax.reparam.save`'s format (the other methods); ``merge`` also writes the
+  merged HF checkpoint;
+* a registered optimizer (``galore``, ``fira``, ``apollo``, ``lisa``, ``adamw_8bit``,
+  ``adamw``, ...: ``lowrank-jax optimizers``): every parameter is trained and the HF
+  checkpoint is written.
+
+**Too-long records are truncated.** A prompt/response or chat record longer than
+``max_seq_len`` tokens keeps its first ``max_seq_len`` tokens; one left without a response
+token is dropped; plain text is cut into pieces. The counts are in the ``data`` line of
+``metrics.jsonl``; a file where nothing fits is an error.
+
+``metrics.jsonl`` holds a ``data`` line, training lines (``step``, ``loss``, ``lr``,
+``tokens``), evaluation lines (``step``, ``val_loss``, ``val_ppl``; with ``eval_generate``
+also ``generations`` and, when the records have answers, ``exact_match``) and a final
+``summary`` line. Expected problems raise :class:`~lowrank_jax.train.config.ConfigError`,
+:class:`~lowrank_jax.data.DataError` or ``UnsupportedCheckpointError`` (one line each).
+
+Example:
+  >>> from lowrank_jax.train.finetune import FinetuneConfig, finetune
+  >>> summary = finetune(FinetuneConfig(model="ckpt/", data="train.jsonl", out="runs/ft",
+  ...                                   method="lora", rank=8, steps=100))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lowrank_jax import memory, reparam
+from lowrank_jax.data.sft import Example, prompt_ids, read_examples, tokenize_example
+from lowrank_jax.data.sft_packing import SFTData, pack_examples, split_examples
+from lowrank_jax.data.sources import DataError
+from lowrank_jax.models.hf import hf_name_map, save_hf
+from lowrank_jax.targets import path_str
+from lowrank_jax.train.config import ConfigError
+from lowrank_jax.train.metrics import MetricsWriter
+from lowrank_jax.train.step import warmup_cosine
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "DEFAULT_TARGETS",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "generate_text",
+    "load_with_adapter",
+    "peft_module_names",
+]
+
+# Reparameterizations that train with plain AdamW on their trainable arrays and need no
+# calibration data (EVA, LoRA-GA) or schedule of their own (AdaLoRA, IncreLoRA, SoRA).
+ADAPTER_METHODS = (
+    "lora", "dora", "pissa", "olora", "ffa_lora", "lora_xs", "vera", "nola", "dylora", "lamda",
+    "loldu", "miss", "bone", "randlora", "wegeft", "hydra",
+)  # fmt: skip
+PEFT_METHODS = ("lora", "dora", "pissa", "olora", "ffa_lora")
+DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
+ADAPTER_LR = 2e-4  # the QLoRA paper's rate for small models
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The settings of one fine-tuning run (the ``lowrank-jax finetune`` flags).
+
+    Attributes:
+      model: local HF checkpoint directory, ``.gguf`` file or hub id.
+      data: ``.jsonl`` records (prompt/response, messages or text) or a plain-text file.
+      out: the run directory (metrics.jsonl, adapter/, model/ or merged/).
+      method: an adapter method (:data:`ADAPTER_METHODS`) or a registered optimizer name.
+      targets: regex over leaf paths of the matrices to adapt or project
+        (default :data:`DEFAULT_TARGETS` for adapters, the optimizer's own otherwise).
+      rank: adapter rank, or projection rank of a low-rank optimizer.
+      alpha: adapter scale numerator (default: the method's own; adapters only).
+      options: extra keyword arguments of the adapter factory or the optimizer alias.
+      lr: peak learning rate (default :data:`ADAPTER_LR` or the optimizer's registry default).
+      steps, batch_size, max_seq_len, seed: the run's length, rows per step, tokens per row
+        (longer records are truncated) and seed.
+      quantize_base: ``"nf4"`` or ``"int8"``: QLoRA (adapter methods only).
+      eval_every: evaluate every this many steps (``0``: at the end only).
+      eval_generate: greedy replies to this many held-out prompts at each evaluation.
+      eval_max_new_tokens: length limit of those replies.
+      merge: also write the merged HF checkpoint (adapter methods).
+      val_fraction: share of the records held out.
+      tokenizer: a directory with ``tokenizer.json`` replacing the checkpoint's own.
+      log_every: steps between training lines.
+    """
+
+    model: str
+    data: str
+    out: str
+    method: str = "lora"
+    targets: str | None = None
+    rank: int = 8
+    alpha: float | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+    lr: float | None = None
+    steps: int = 100
+    batch_size: int = 4
+    max_seq_len: int = 512
+    seed: int = 0
+    quantize_base: str | None = None
+    eval_every: int = 0
+    eval_generate: int = 0
+    eval_max_new_tokens: int = 32
+    merge: bool = False
+    val_fraction: float = 0.1
+    tokenizer: str | None = None
+    log_every: int = 10
+
+    @property
+    def adapter(self) -> bool:
+        """``True`` when ``method`` is a reparameterization (else an optimizer)."""
+        return self.method in ADAPTER_METHODS
+
+    def validate(self) -> FinetuneConfig:
+        """Checks names and ranges without loading anything; returns ``self``.
+
+        Raises:
+          ConfigError: the setting and the fix, in one line.
+        """
+        from lowrank_jax.train.registry import available_optimizers
+
+        if not self.adapter and self.method not in available_optimizers():
+            adapters, optimizers = ", ".join(ADAPTER_METHODS), ", ".join(available_optimizers())
+            raise ConfigError(
+                f"--method {self.method!r} is neither an adapter method ({adapters}) nor a "
+                f"registered optimizer ({optimizers})"
+            )
+        for name in ("steps", "batch_size", "rank", "eval_max_new_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("eval_every", "eval_generate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.quantize_base not in (None, "nf4", "int8"):
+            raise ConfigError(f"--quantize-base must be nf4 or int8, got {self.quantize_base!r}")
+        if not self.adapter:
+            for flag, value in (("--quantize-base", self.quantize_base), ("--merge", self.merge)):
+                if value:
+                    raise ConfigError(
+                        f"{flag} applies to adapter methods (lora, dora, ...); {self.method!r} "
+                        "trains every weight in place. Drop the flag or use an adapter method"
+                    )
+            if self.alpha is not None:
+                raise ConfigError(
+                    f"--alpha is the adapter scale; for {self.method!r} use --opt scale=VALUE"
+                )
+        return self
+
+
+class FinetuneResult(NamedTuple):
+    """What :func:`finetune` returns: the ``summary`` record (also the last line of
+    ``metrics.jsonl``), the trained model (wrapped by :func:`lowrank_jax.reparam.wrap` for
+    adapter methods) and its tokenizer."""
+
+    summary: dict
+    model: Any
+    tokenizer: Any
+
+
+def peft_module_names(config: Any) -> Callable[[str, tuple], str]:
+    """``(leaf path, batch index) -> HF module name`` of an unscanned model of ``config``
+    (``layers/0/attn/q_proj/kernel`` -> ``model.layers.0.self_attn.q_proj``): the names PEFT
+    gives the modules of the transformers model the checkpoint loads as."""
+    names = {
+        path_str(ours): hf.removesuffix(".weight")
+        for ours, _, hf, _ in hf_name_map(config)
+        if hf.endswith(".weight")
+    }
+
+    def module_name(path: str, index: tuple = ()) -> str:
+        if index or path not in names:
+            raise ValueError(f"leaf '{path}' has no module of its own in the HF layout")
+        return names[path]
+
+    return module_name
+
+
+def _load(cfg: FinetuneConfig) -> tuple[Any, Any]:
+    from lowrank_jax.models.pretrained import load_pretrained
+
+    try:
+        return load_pretrained(cfg.model, tokenizer_path=cfg.tokenizer, scan_layers=False)
+    except DataError as err:
+        if cfg.tokenizer:
+            raise
+        raise DataError(
+            f"{err}; or pass --tokenizer DIR (a directory with tokenizer.json)"
+        ) from None
+
+
+def _adapter_factory(cfg: FinetuneConfig) -> reparam.Reparam:
+    make = getattr(reparam, cfg.method)
+    accepted = inspect.signature(make).parameters
+    kwargs = dict(cfg.options)
+    kwargs["targets"] = cfg.targets or DEFAULT_TARGETS
+    if cfg.alpha is not None:
+        if "alpha" not in accepted:
+            raise ConfigError(f"--alpha: {cfg.method} has no alpha; drop the flag")
+        kwargs["alpha"] = cfg.alpha
+    first = next(iter(accepted))  # rank, blocks, parallel_rank, ...: the size of the adapter
+    try:
+        return make(**{first: cfg.rank}, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"--opt for {cfg.method}: {err}") from None
+
+
+def _optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
+    from lowrank_jax.train.registry import OptimizerArgs, build_optimizer
+
+    extra = dict(cfg.options)
+    if cfg.targets:
+        extra["targets"] = cfg.targets
+    args = OptimizerArgs(schedule, rank=cfg.rank, seed=cfg.seed, total_steps=cfg.steps, extra=extra)
+    try:
+        return build_optimizer(cfg.method, args)
+    except TypeError as err:
+        raise ConfigError(f"--opt / --targets for {cfg.method}: {err}") from None
+
+
+def _pack(cfg: FinetuneConfig, tokenizer: Any) -> tuple[SFTData, SFTData, list[Example], dict]:
+    examples = read_examples(cfg.data)
+    train_examples, held_out = split_examples(examples, cfg.val_fraction, seed=cfg.seed)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    train, stats = pack_examples(
+        [tokenize_example(e, tokenizer) for e in train_examples], cfg.max_seq_len, pad_id=pad
+    )
+    val, val_stats = pack_examples(
+        [tokenize_example(e, tokenizer) for e in held_out], cfg.max_seq_len, pad_id=pad
+    )
+    info = {
+        "data": cfg.data,
+        "records": len(examples),
+        "train_examples": stats.examples,
+        "val_examples": val_stats.examples,
+        "train_rows": stats.rows,
+        "val_rows": val_stats.rows,
+        "train_loss_tokens": stats.loss_tokens,
+        "truncated": stats.truncated + val_stats.truncated,
+        "dropped": stats.dropped + val_stats.dropped,
+        "fill": round(stats.fill, 4),
+    }
+    return train, val, held_out, info
+
+
+def _rows(count: int, batch_size: int, seed: int) -> Any:
+    """Row indices of each batch: seeded permutations, one after another (epochs)."""
+    rng = np.random.default_rng(seed)
+    pending = np.zeros(0, np.int64)
+    while True:
+        while len(pending) < batch_size:
+            pending = np.concatenate([pending, rng.permutation(count)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def _losses(graph: Any) -> tuple[Callable, Callable]:
+    """``(loss, summed)``: mean and ``(sum, count)`` of the response-token cross-entropy."""
+
+    def summed(trainable: Any, rest: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graph, trainable, rest)
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["targets"]
+        )
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum(nll * mask), jnp.sum(mask)
+
+    def loss(trainable: Any, rest: Any, batch: dict) -> jax.Array:
+        total, count = summed(trainable, rest, batch)
+        return total / jnp.maximum(count, 1.0)
+
+    return loss, summed
+
+
+def _evaluate(summed: Callable, trainable: Any, rest: Any, val: SFTData, batch_size: int) -> float:
+    total = count = 0.0
+    rows = np.arange(len(val.inputs))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = val.batch(np.resize(chunk, batch_size))  # one shape: repeats are masked out
+        batch["loss_mask"] = batch["loss_mask"] & (np.arange(batch_size) < len(chunk))[:, None]
+        s, c = summed(trainable, rest, batch)
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def _generations(model: Any, tokenizer: Any, held_out: list[Example], cfg: FinetuneConfig) -> dict:
+    from lowrank_jax.generate import evaluate_exact_match, generate_ids
+
+    examples = [e for e in held_out if e.kind != "text"][: cfg.eval_generate]
+    eos = getattr(tokenizer, "eos_ids", None) or (tokenizer.eos_id,)
+    prompts = [prompt_ids(e, tokenizer).tolist() for e in examples]
+    outputs = generate_ids(model, prompts, max_new_tokens=cfg.eval_max_new_tokens, eos_ids=eos)
+    rows = [
+        {
+            "prompt": next(m["content"] for m in reversed(e.messages) if m["role"] == "user"),
+            "output": tokenizer.decode([t for t in ids if t not in eos]),
+            "answer": e.answer,
+        }
+        for e, ids in zip(examples, outputs, strict=True)
+    ]
+    record: dict[str, Any] = {"generations": rows}
+    if any(e.answer is not None for e in examples):
+        scored = evaluate_exact_match(
+            model, tokenizer, examples, max_new_tokens=cfg.eval_max_new_tokens
+        )
+        record["exact_match"] = scored.score
+    return record
+
+
+def _save(cfg: FinetuneConfig, model: Any, initial: Any, tokenizer: Any) -> dict:
+    """Writes the adapter / merged / full checkpoint under ``cfg.out``; returns the paths."""
+    saved = {}
+    if not cfg.adapter:
+        saved["model"] = os.path.join(cfg.out, "model")
+        save_hf(model, saved["model"])
+        tokenizer.save_pretrained(saved["model"])
+        return saved
+    adapters = reparam.adapters_of(model)
+    folder = os.path.join(cfg.out, "adapter")
+    if cfg.method in PEFT_METHODS:
+        if cfg.method in ("pissa", "olora"):  # residual inits: PEFT wants the original base
+            adapters = reparam.to_base_lora(adapters, initial)
+        reparam.to_peft(
+            folder,
+            adapters,
+            module_name=peft_module_names(model.config),
+            base_model_name_or_path=cfg.model,
+        )
+        saved["peft_adapter"] = folder
+    else:
+        reparam.save(folder, adapters)
+        saved["adapter"] = folder
+    if cfg.merge:
+        saved["merged"] = os.path.join(cfg.out, "merged")
+        # unwrap writes the merged kernels into the base layers: merge a copy, keep the model.
+        save_hf(reparam.unwrap(nnx.clone(model), merge=True), saved["merged"])
+        tokenizer.save_pretrained(saved["merged"])
+    return saved
+
+
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Fine-tunes ``cfg.model`` on ``cfg.data`` (see the module docstring).
+
+    Args:
+      cfg: the run's :class:`FinetuneConfig`.
+      log: where progress lines go.
+
+    Returns:
+      A :class:`FinetuneResult`; its ``summary`` has ``val_loss``, ``val_ppl``,
+      ``trainable_params``, ``optimizer_state_bytes``, ``saved`` (paths), ...
+
+    Raises:
+      ConfigError, DataError, UnsupportedCheckpointError: bad settings, data or checkpoint.
+    """
+    from lowrank_jax.train.loop import check_out
+
+    cfg = cfg.validate()
+    check_out(cfg.out)
+    model, tokenizer = _load(cfg)
+    train_data, val_data, held_out, info = _pack(cfg, tokenizer)
+    if cfg.eval_generate and not any(e.kind != "text" for e in held_out):
+        raise ConfigError("--eval-generate needs prompt/response or messages records held out")
+    lr = cfg.lr or (ADAPTER_LR if cfg.adapter else _default_lr(cfg.method))
+    schedule = warmup_cosine(lr, cfg.steps, max(1, cfg.steps // 10))
+    initial = None
+    if cfg.adapter:
+        model = reparam.wrap(
+            model,
+            _adapter_factory(cfg),
+            key=jax.random.key(cfg.seed),
+            rngs=nnx.Rngs(dropout=cfg.seed),
+            quantize_base=cfg.quantize_base,
+        )
+        initial = reparam.adapters_of(model)
+        graph, trainable, rest = nnx.split(model, nnx.LoRAParam, ...)
+        tx = optax.adamw(schedule, weight_decay=0.0)
+    else:
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see
+        tx = _optimizer(cfg, schedule)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+    loss_fn, summed = _losses(graph)
+
+    def step(trainable: Any, opt_state: Any, rest: Any, batch: dict) -> tuple:
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    metrics = MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"))
+    metrics.write(info)
+    trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(trainable)))
+    state_bytes = memory.state_bytes(tx, trainable)
+    log(
+        f"{cfg.method} on {cfg.model}: {trainable_params:,} trainable parameters, optimizer "
+        f"state {memory.human(state_bytes)}; {info['train_rows']} rows of {cfg.max_seq_len} "
+        f"tokens ({info['truncated']} records truncated, {info['dropped']} dropped)"
+    )
+    opt_state = tx.init(trainable)
+    train_step = jax.jit(step, donate_argnums=(0, 1))
+    summed = jax.jit(summed)
+    batches = _rows(len(train_data.inputs), cfg.batch_size, cfg.seed)
+    tokens, began, record = 0, time.perf_counter(), {}
+
+    def evaluate(at: int) -> dict:
+        val_loss = _evaluate(summed, trainable, rest, val_data, cfg.batch_size)
+        out = {"step": at, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0))}
+        if cfg.eval_generate:
+            out.update(_generations(nnx.merge(graph, trainable, rest), tokenizer, held_out, cfg))
+        metrics.write(out)
+        log(f"step {at}: validation loss {val_loss:.4f}, perplexity {out['val_ppl']:.2f}")
+        return out
+
+    for at in range(1, cfg.steps + 1):
+        batch = train_data.batch(next(batches))
+        trainable, opt_state, loss = train_step(trainable, opt_state, rest, batch)
+        tokens += int(batch["loss_mask"].sum())
+        if at % cfg.log_every == 0 or at == cfg.steps:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise ConfigError(f"the loss is not finite at step {at}; lower --lr ({lr:g})")
+            metrics.write({"step": at, "loss": loss, "lr": float(schedule(at - 1)),
+                           "tokens": tokens})  # fmt: skip
+            log(f"step {at}: loss {loss:.4f}")
+        if (cfg.eval_every and at % cfg.eval_every == 0) or at == cfg.steps:
+            record = evaluate(at)
+    seconds = time.perf_counter() - began
+    model = nnx.merge(graph, trainable, rest)
+    saved = _save(cfg, model, initial, tokenizer)
+    summary = {
+        "summary": True,
+        "method": cfg.method,
+        "steps": cfg.steps,
+        "val_loss": record["val_loss"],
+        "val_ppl": record["val_ppl"],
+        "trainable_params": trainable_params,
+        "optimizer_state_bytes": state_bytes,
+        "train_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "saved": saved,
+    }
+    if "exact_match" in record:
+        summary["exact_match"] = record["exact_match"]
+    metrics.write(summary)
+    metrics.close()
+    log(
+        f"done: validation loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f}; "
+        f"{trainable_params:,} trainable parameters, optimizer state "
+        f"{memory.human(state_bytes)}; saved {', '.join(saved.values())}"
+    )
+    return FinetuneResult(summary, model, tokenizer)
+
+
+def _default_lr(method: str) -> float:
+    from lowrank_jax.train.registry import get_optimizer
+
+    return get_optimizer(method).default_lr
+
+
+def load_with_adapter(model_spec: str, adapter: str | None = None, **overrides: Any) -> tuple:
+    """``(model, tokenizer)`` of a checkpoint, with an adapter directory applied when given:
+    a PEFT directory (``adapter_config.json``) or one written by :func:`lowrank_jax.reparam.save`.
+
+    Raises:
+      UnsupportedCheckpointError, DataError: the checkpoint or its tokenizer.
+      ConfigError: ``adapter`` is not an adapter directory, or does not fit the model.
+    """
+    from lowrank_jax.models.pretrained import load_pretrained
+
+    model, tokenizer = load_pretrained(model_spec, scan_layers=False, **overrides)
+    if adapter is None:
+        return model, tokenizer
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    try:
+        if os.path.exists(os.path.join(adapter, "adapter_config.json")):
+            adapters = reparam.from_peft(
+                adapter, params, module_name=peft_module_names(model.config)
+            )
+        elif os.path.isdir(adapter):
+            adapters = reparam.load(adapter, params)
+        else:
+            raise ConfigError(f"--adapter {adapter}: no such directory")
+    except ValueError as err:
+        raise ConfigError(f"--adapter {adapter}: {str(err).splitlines()[0]}") from None
+    return reparam.wrap(model, adapters), tokenizer
+
+
+def generate_text(
+    model_spec: str,
+    prompt: str,
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """The reply of ``model_spec`` (plus ``adapter``) to ``prompt`` (chat template applied when
+    the tokenizer has one): :func:`lowrank_jax.generate.generate`.
+
+    Raises:
+      ConfigError: a bad sampling setting; and as :func:`load_with_adapter`.
+    """
+    from lowrank_jax.generate import generate
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(
+            f"need --temperature >= 0 and 0 < --top-p <= 1, got {temperature}, {top_p}"
+        )
+    model, tokenizer = load_with_adapter(model_spec, adapter)
+    return generate(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
