@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--no-skip-nonfinite", dest="skip_nonfinite", action="store_false",
                      help="without the non-finite-step guard (see README)")  # fmt: skip
     mem.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary")
+    from lowrank_jax.train.finetune_cli import add_finetune_commands
+
+    add_finetune_commands(commands, _option)
     return parser
 
 
@@ -161,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lowrank-jax: error: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
         return 0
+    if args.command in ("finetune", "generate"):
+        from lowrank_jax.train.finetune_cli import run_finetune_command
+
+        return run_finetune_command(args)
     from lowrank_jax.data import DataError
     from lowrank_jax.models.hf import UnsupportedCheckpointError
     from lowrank_jax.train.checkpoint import CheckpointError
