@@ -25,7 +25,8 @@ token is dropped; plain text is cut into pieces. The counts are in the ``data`` 
 ``metrics.jsonl``; a file where nothing fits is an error.
 
 ``metrics.jsonl`` holds a ``data`` line, training lines (``step``, ``loss``, ``lr``,
-``tokens``), evaluation lines (``step``, ``val_loss``, ``val_ppl``; with ``eval_generate``
+``tokens``), evaluation lines (step ``0`` before training, every ``eval_every`` steps and at the
+end: ``step``, ``val_loss``, ``val_ppl``; with ``eval_generate``
 also ``generations`` and, when the records have answers, ``exact_match``) and a final
 ``summary`` line. Expected problems raise :class:`~lowrank_jax.train.config.ConfigError`,
 :class:`~lowrank_jax.data.DataError` or ``UnsupportedCheckpointError`` (one line each).
@@ -437,7 +438,6 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     train_step = jax.jit(step, donate_argnums=(0, 1))
     summed = jax.jit(summed)
     batches = _rows(len(train_data.inputs), cfg.batch_size, cfg.seed)
-    tokens, began, record = 0, time.perf_counter(), {}
 
     def evaluate(at: int) -> dict:
         val_loss = _evaluate(summed, trainable, rest, val_data, cfg.batch_size)
@@ -448,6 +448,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         log(f"step {at}: validation loss {val_loss:.4f}, perplexity {out['val_ppl']:.2f}")
         return out
 
+    before = evaluate(0)
+    tokens, began = 0, time.perf_counter()
     for at in range(1, cfg.steps + 1):
         batch = train_data.batch(next(batches))
         trainable, opt_state, loss = train_step(trainable, opt_state, rest, batch)
@@ -468,6 +470,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         "summary": True,
         "method": cfg.method,
         "steps": cfg.steps,
+        "val_loss_before": before["val_loss"],
         "val_loss": record["val_loss"],
         "val_ppl": record["val_ppl"],
         "trainable_params": trainable_params,
@@ -477,13 +480,20 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         "saved": saved,
     }
     if "exact_match" in record:
+        summary["exact_match_before"] = before["exact_match"]
         summary["exact_match"] = record["exact_match"]
     metrics.write(summary)
     metrics.close()
+    scored = (
+        f", exact match {before['exact_match']:.3f} -> {record['exact_match']:.3f}"
+        if "exact_match" in record
+        else ""
+    )
     log(
-        f"done: validation loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f}; "
-        f"{trainable_params:,} trainable parameters, optimizer state "
-        f"{memory.human(state_bytes)}; saved {', '.join(saved.values())}"
+        f"done: validation loss {before['val_loss']:.4f} -> {record['val_loss']:.4f} "
+        f"(perplexity {record['val_ppl']:.2f}){scored}; {trainable_params:,} trainable "
+        f"parameters, optimizer state {memory.human(state_bytes)}; saved "
+        f"{', '.join(saved.values())}"
     )
     return FinetuneResult(summary, model, tokenizer)
 

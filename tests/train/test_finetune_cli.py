@@ -75,12 +75,14 @@ def test_lora_run_writes_metrics_and_summary(lora_run):
     assert records[0]["records"] == 24 and records[0]["val_examples"] == 2
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     evals = [r for r in records if "val_loss" in r and not r.get("summary")]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(len(r["generations"]) == 2 and 0 <= r["exact_match"] <= 1 for r in evals)
     assert all(r["val_ppl"] == pytest.approx(np.exp(r["val_loss"])) for r in evals)
     summary = records[-1]
     assert summary == json.loads(json.dumps(result.summary))
     assert summary["val_loss"] == evals[-1]["val_loss"]
+    assert summary["val_loss_before"] == evals[0]["val_loss"] > summary["val_loss"]
+    assert summary["exact_match_before"] == evals[0]["exact_match"]
     # rank 4 on 7 matrices of 2 layers: A (in x 4) + B (4 x out) each.
     model = result.model
     expected = sum(
