@@ -407,7 +407,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
             rngs=nnx.Rngs(dropout=cfg.seed),
             quantize_base=cfg.quantize_base,
         )
-        initial = reparam.adapters_of(model)
+        # a copy: the training step donates the adapters' arrays
+        initial = jax.tree.map(jnp.copy, reparam.adapters_of(model))
         graph, trainable, rest = nnx.split(model, nnx.LoRAParam, ...)
         tx = optax.adamw(schedule, weight_decay=0.0)
     else:
@@ -518,16 +519,18 @@ def load_with_adapter(model_spec: str, adapter: str | None = None, **overrides: 
     if adapter is None:
         return model, tokenizer
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    config = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(config):
+        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there")
     try:
-        if os.path.exists(os.path.join(adapter, "adapter_config.json")):
-            adapters = reparam.from_peft(
-                adapter, params, module_name=peft_module_names(model.config)
-            )
-        elif os.path.isdir(adapter):
+        with open(config, encoding="utf-8") as f:
+            peft_format = "peft_type" in json.load(f)
+        if peft_format:
+            names = peft_module_names(model.config)
+            adapters = reparam.from_peft(adapter, params, module_name=names)
+        else:  # reparam.save's format (same file names, its own config keys)
             adapters = reparam.load(adapter, params)
-        else:
-            raise ConfigError(f"--adapter {adapter}: no such directory")
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         raise ConfigError(f"--adapter {adapter}: {str(err).splitlines()[0]}") from None
     return reparam.wrap(model, adapters), tokenizer
 

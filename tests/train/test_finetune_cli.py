@@ -121,6 +121,24 @@ def test_merged_checkpoint_has_the_adapted_logits(lora_run):
     assert os.path.exists(os.path.join(out, "merged", "tokenizer.json"))
 
 
+@pytest.mark.parametrize("method", ["pissa", "vera"])
+def test_other_adapters_reload_with_the_trained_logits(checkpoint, tmp_path, method):
+    # PiSSA trains on a residual base: exported as a plain LoRA of rank 2r on the original
+    # weights. VeRA has no PEFT LoRA form: reparam.save's format, which --adapter also reads.
+    model, data = checkpoint
+    out = str(tmp_path / method)
+    cfg = FinetuneConfig(model=model, data=data, out=out, method=method, rank=4, lr=1e-2,
+                         steps=3, batch_size=2, max_seq_len=64)  # fmt: skip
+    result = finetune(cfg, **QUIET)
+    tokens = _tokens(result.tokenizer)
+    kind = "peft_adapter" if method == "pissa" else "adapter"
+    assert result.summary["saved"] == {kind: os.path.join(out, "adapter")}
+    reloaded, _ = load_with_adapter(model, os.path.join(out, "adapter"))
+    np.testing.assert_allclose(
+        np.asarray(forward(reloaded, tokens)), np.asarray(forward(result.model, tokens)), atol=1e-5
+    )
+
+
 def test_full_parameter_galore_writes_a_reloadable_checkpoint(checkpoint, tmp_path, capsys):
     model, data = checkpoint
     out = str(tmp_path / "galore")
