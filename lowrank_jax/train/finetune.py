@@ -83,6 +83,11 @@ ADAPTER_METHODS = (
 )  # fmt: skip
 PEFT_METHODS = ("lora", "dora", "pissa", "olora", "ffa_lora")
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
+# The settings a checkpoint must agree on to be resumed (the others only change what is logged).
+RUN_SHAPING = (
+    "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
+    "batch_size", "max_seq_len", "seed", "quantize_base", "val_fraction", "tokenizer",
+)  # fmt: skip
 ADAPTER_LR = 2e-4  # the QLoRA paper's rate for small models
 
 
@@ -111,6 +116,12 @@ class FinetuneConfig:
       val_fraction: share of the records held out.
       tokenizer: a directory with ``tokenizer.json`` replacing the checkpoint's own.
       log_every: steps between training lines.
+      checkpoint_every: save the training state every this many steps (``0``: never) under
+        ``out/checkpoints`` (:class:`~lowrank_jax.train.checkpoint.Checkpointer`).
+      resume: continue from the newest intact checkpoint in ``out`` (the settings that shape
+        the run must be the same; a fresh start when there is none).
+      stop_at: stop after this step with a checkpoint, as an interrupted run would (tests,
+        time-limited jobs); resume later with ``resume``.
     """
 
     model: str
@@ -134,6 +145,9 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     tokenizer: str | None = None
     log_every: int = 10
+    checkpoint_every: int = 0
+    resume: bool = False
+    stop_at: int | None = None
 
     @property
     def adapter(self) -> bool:
@@ -157,7 +171,9 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "rank", "eval_max_new_tokens", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("eval_every", "eval_generate"):
+        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+            raise ConfigError(f"--stop-at must be in [1, steps], got {self.stop_at!r}")
+        for name in ("eval_every", "eval_generate", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
         if self.max_seq_len < 2:
@@ -320,7 +336,8 @@ def _evaluate(summed: Callable, trainable: Any, rest: Any, val: SFTData, batch_s
 
 
 def _generations(model: Any, tokenizer: Any, held_out: list[Example], cfg: FinetuneConfig) -> dict:
-    from lowrank_jax.generate import evaluate_exact_match, generate_ids
+    from lowrank_jax.data.evaluation import exact_match
+    from lowrank_jax.generate import generate_ids
 
     examples = [e for e in held_out if e.kind != "text"][: cfg.eval_generate]
     eos = getattr(tokenizer, "eos_ids", None) or (tokenizer.eos_id,)
@@ -335,11 +352,11 @@ def _generations(model: Any, tokenizer: Any, held_out: list[Example], cfg: Finet
         for e, ids in zip(examples, outputs, strict=True)
     ]
     record: dict[str, Any] = {"generations": rows}
-    if any(e.answer is not None for e in examples):
-        scored = evaluate_exact_match(
-            model, tokenizer, examples, max_new_tokens=cfg.eval_max_new_tokens
+    answered = [r for r in rows if r["answer"] is not None]
+    if answered:
+        record["exact_match"] = exact_match(
+            [r["output"] for r in answered], [r["answer"] for r in answered]
         )
-        record["exact_match"] = scored.score
     return record
 
 
@@ -372,6 +389,63 @@ def _save(cfg: FinetuneConfig, model: Any, initial: Any, tokenizer: Any) -> dict
         save_hf(reparam.unwrap(nnx.clone(model), merge=True), saved["merged"])
         tokenizer.save_pretrained(saved["merged"])
     return saved
+
+
+class _Checkpoints:
+    """The run's orbax checkpoints (``out/checkpoints``), opened only when they are used."""
+
+    def __init__(self, cfg: FinetuneConfig, log: Callable[[str], None]):
+        from lowrank_jax.train.checkpoint import Checkpointer
+
+        self.cfg, self.log = cfg, log
+        self.meta = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_SHAPING}))
+        used = cfg.checkpoint_every or cfg.resume or cfg.stop_at
+        self.manager = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=2) if used else None
+
+    def restore(self, state: dict) -> tuple[int, dict]:
+        """``(step, state)`` of the newest intact checkpoint with ``resume``, else ``(0, state)``.
+
+        Raises:
+          CheckpointError: written by a run with other settings, or none intact.
+        """
+        from lowrank_jax.train.checkpoint import CheckpointError
+
+        if not self.cfg.resume:
+            return 0, state
+
+        def accept(saved: dict, step: int) -> None:
+            different = [
+                k for k in sorted(set(saved) | set(self.meta)) if saved.get(k) != self.meta.get(k)
+            ]
+            if different:
+                raise CheckpointError(
+                    f"checkpoint {self.manager.path(step)} was written with other settings ("
+                    + ", ".join(
+                        f"{k}={saved.get(k)!r}, now {self.meta.get(k)!r}" for k in different
+                    )
+                    + "); use the same settings or another --out"
+                )
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        found = self.manager.restore_latest(abstract, accept, self.log)
+        if found is None:
+            self.log(f"no checkpoint in {self.cfg.out}; starting from step 0")
+            return 0, state
+        step, restored, _, _ = found
+        self.log(f"resumed from step {step}")
+        return step, restored
+
+    def save(self, step: int, state: dict) -> None:
+        """Writes ``state`` as ``step`` (the data position is the step itself)."""
+        from lowrank_jax.data.packing import IteratorState
+
+        batch = self.cfg.batch_size
+        self.manager.save(step, state, IteratorState(0, step * batch), self.meta)
+
+    def close(self) -> None:
+        """Releases the checkpoint manager (if one was opened)."""
+        if self.manager is not None:
+            self.manager.close()
 
 
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
@@ -409,7 +483,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         )
         # a copy: the training step donates the adapters' arrays
         initial = jax.tree.map(jnp.copy, reparam.adapters_of(model))
-        graph, trainable, rest = nnx.split(model, nnx.LoRAParam, ...)
+        graph, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+        trainable = nnx.to_pure_dict(adapters)
         tx = optax.adamw(schedule, weight_decay=0.0)
     else:
         graph, params, rest = nnx.split(model, nnx.Param, ...)
@@ -423,11 +498,6 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    metrics = MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"))
-    metrics.write(info)
     trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(trainable)))
     state_bytes = memory.state_bytes(tx, trainable)
     log(
@@ -435,37 +505,62 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         f"state {memory.human(state_bytes)}; {info['train_rows']} rows of {cfg.max_seq_len} "
         f"tokens ({info['truncated']} records truncated, {info['dropped']} dropped)"
     )
-    opt_state = tx.init(trainable)
+    state = {"trainable": trainable, "opt_state": tx.init(trainable), "tokens": jnp.int32(0)}
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoints = _Checkpoints(cfg, log)
+    start, state = checkpoints.restore(state)
+    if start >= cfg.steps:
+        raise ConfigError(
+            f"the run in {cfg.out} already finished its {cfg.steps} steps; choose another --out"
+        )
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    metrics = MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), start if start else None)
     train_step = jax.jit(step, donate_argnums=(0, 1))
     summed = jax.jit(summed)
     batches = _rows(len(train_data.inputs), cfg.batch_size, cfg.seed)
+    for _ in range(start):  # the batches a resumed run has already seen
+        next(batches)
 
     def evaluate(at: int) -> dict:
-        val_loss = _evaluate(summed, trainable, rest, val_data, cfg.batch_size)
+        val_loss = _evaluate(summed, state["trainable"], rest, val_data, cfg.batch_size)
         out = {"step": at, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0))}
         if cfg.eval_generate:
-            out.update(_generations(nnx.merge(graph, trainable, rest), tokenizer, held_out, cfg))
+            model = nnx.merge(graph, state["trainable"], rest)
+            out.update(_generations(model, tokenizer, held_out, cfg))
         metrics.write(out)
         log(f"step {at}: validation loss {val_loss:.4f}, perplexity {out['val_ppl']:.2f}")
         return out
 
-    before = evaluate(0)
-    tokens, began = 0, time.perf_counter()
-    for at in range(1, cfg.steps + 1):
+    if start:
+        before = next(r for r in metrics.resumed_records if r.get("step") == 0 and "val_loss" in r)
+    else:
+        metrics.write(info)
+        before = evaluate(0)
+    began = time.perf_counter()
+    for at in range(start + 1, (cfg.stop_at or cfg.steps) + 1):
         batch = train_data.batch(next(batches))
-        trainable, opt_state, loss = train_step(trainable, opt_state, rest, batch)
-        tokens += int(batch["loss_mask"].sum())
+        trainable, opt_state, loss = train_step(state["trainable"], state["opt_state"], rest, batch)
+        tokens = state["tokens"] + int(batch["loss_mask"].sum())
+        state = {"trainable": trainable, "opt_state": opt_state, "tokens": tokens}
         if at % cfg.log_every == 0 or at == cfg.steps:
             loss = float(loss)
             if not math.isfinite(loss):
                 raise ConfigError(f"the loss is not finite at step {at}; lower --lr ({lr:g})")
             metrics.write({"step": at, "loss": loss, "lr": float(schedule(at - 1)),
-                           "tokens": tokens})  # fmt: skip
+                           "tokens": int(tokens)})  # fmt: skip
             log(f"step {at}: loss {loss:.4f}")
         if (cfg.eval_every and at % cfg.eval_every == 0) or at == cfg.steps:
             record = evaluate(at)
+        if (cfg.checkpoint_every and at % cfg.checkpoint_every == 0) or at == cfg.stop_at:
+            checkpoints.save(at, state)
     seconds = time.perf_counter() - began
-    model = nnx.merge(graph, trainable, rest)
+    checkpoints.close()
+    model = nnx.merge(graph, state["trainable"], rest)
+    if cfg.stop_at is not None and cfg.stop_at < cfg.steps:
+        metrics.close()
+        log(f"stopped after step {cfg.stop_at}; continue with --resume")
+        return FinetuneResult({"stopped_at": cfg.stop_at}, model, tokenizer)
     saved = _save(cfg, model, initial, tokenizer)
     summary = {
         "summary": True,
@@ -476,7 +571,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         "val_ppl": record["val_ppl"],
         "trainable_params": trainable_params,
         "optimizer_state_bytes": state_bytes,
-        "train_tokens": tokens,
+        "train_tokens": int(state["tokens"]),
         "seconds": round(seconds, 2),
         "saved": saved,
     }

@@ -53,6 +53,9 @@ def add_finetune_commands(
     ft.add_argument("--val-fraction", type=float, default=0.1, help="records held out [0.1]")
     ft.add_argument("--tokenizer", help="directory with tokenizer.json [the checkpoint's]")
     ft.add_argument("--log-every", type=int, default=10, help="steps between loss lines [10]")
+    ft.add_argument("--checkpoint-every", type=int, default=0,
+                    help="steps between checkpoints in OUT/checkpoints [0: none]")  # fmt: skip
+    ft.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     gen = commands.add_parser(
         "generate", help="print a model's reply to a prompt (optionally with an adapter)"
     )
@@ -69,6 +72,7 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     """Runs ``finetune`` or ``generate``; expected errors print one line and return 2."""
     from lowrank_jax.data import DataError
     from lowrank_jax.models.hf import UnsupportedCheckpointError
+    from lowrank_jax.train.checkpoint import CheckpointError
     from lowrank_jax.train.config import ConfigError
     from lowrank_jax.train.finetune import FinetuneConfig, finetune, generate_text
 
@@ -80,7 +84,7 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         else:
             values["options"] = dict(values["options"])
             finetune(FinetuneConfig(**values))
-    except (ConfigError, DataError, UnsupportedCheckpointError) as err:
+    except (ConfigError, DataError, UnsupportedCheckpointError, CheckpointError) as err:
         print(f"lowrank-jax: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:  # bad method options, targets that match nothing, ...

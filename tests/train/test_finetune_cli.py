@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lowrank_jax.data.evaluation import normalize_answer
 from lowrank_jax.models import Llama, load_hf, save_hf
+from lowrank_jax.train.checkpoint import CheckpointError
 from lowrank_jax.train.cli import main
 from lowrank_jax.train.finetune import FinetuneConfig, finetune, load_with_adapter
 from tests.data.tiny_tokenizer import CHATML, write_checkpoint_tokenizer
@@ -58,15 +60,18 @@ def _tokens(tokenizer):
     return jnp.asarray(tokenizer.encode("What is 12 + 7? It is 19.")[None, :])
 
 
+def _lora_config(checkpoint, out, **overrides):
+    model, data = checkpoint
+    settings = dict(method="lora", rank=4, alpha=8.0, lr=1e-2, steps=6, batch_size=2,
+                    max_seq_len=64, eval_every=3, eval_generate=2, eval_max_new_tokens=4,
+                    merge=True, log_every=1)  # fmt: skip
+    return FinetuneConfig(model=model, data=data, out=out, **{**settings, **overrides})
+
+
 @pytest.fixture(scope="module")
 def lora_run(checkpoint, tmp_path_factory):
-    model, data = checkpoint
     out = str(tmp_path_factory.mktemp("lora") / "run")
-    cfg = FinetuneConfig(model=model, data=data, out=out, method="lora", rank=4, alpha=8.0,
-                         lr=1e-2, steps=6, batch_size=2, max_seq_len=64, eval_every=3,
-                         eval_generate=2, eval_max_new_tokens=4, merge=True,
-                         log_every=1)  # fmt: skip
-    return out, finetune(cfg, **QUIET)
+    return out, finetune(_lora_config(checkpoint, out), **QUIET)
 
 
 def test_lora_run_writes_metrics_and_summary(lora_run):
@@ -78,6 +83,10 @@ def test_lora_run_writes_metrics_and_summary(lora_run):
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(len(r["generations"]) == 2 and 0 <= r["exact_match"] <= 1 for r in evals)
     assert all(r["val_ppl"] == pytest.approx(np.exp(r["val_loss"])) for r in evals)
+    for r in evals:
+        hits = [normalize_answer(g["output"]) == normalize_answer(g["answer"])
+                for g in r["generations"]]  # fmt: skip
+        assert r["exact_match"] == np.mean(hits)
     summary = records[-1]
     assert summary == json.loads(json.dumps(result.summary))
     assert summary["val_loss"] == evals[-1]["val_loss"]
@@ -96,6 +105,25 @@ def test_lora_run_writes_metrics_and_summary(lora_run):
     # AdamW: two moments of every trainable value, float32, plus its step count.
     assert 8 * expected <= summary["optimizer_state_bytes"] <= 8 * expected + 64
     assert set(summary["saved"]) == {"peft_adapter", "merged"}
+
+
+def test_a_stopped_run_resumes_to_the_same_result(lora_run, checkpoint, tmp_path):
+    full_out, full = lora_run
+    out = str(tmp_path / "resumed")
+    stopped = finetune(_lora_config(checkpoint, out, stop_at=4), **QUIET)
+    assert stopped.summary == {"stopped_at": 4}
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]
+    assert not os.path.exists(os.path.join(out, "adapter"))
+    with pytest.raises(CheckpointError, match="other settings.*lr=0.01, now 0.02"):
+        finetune(_lora_config(checkpoint, out, resume=True, lr=2e-2), **QUIET)
+    resumed = finetune(_lora_config(checkpoint, out, resume=True), **QUIET)
+    tokens = _tokens(full.tokenizer)
+    np.testing.assert_array_equal(
+        np.asarray(forward(resumed.model, tokens)), np.asarray(forward(full.model, tokens))
+    )
+    ignore = ("seconds", "saved")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ignore} for r in rows]
+    assert strip(_records(out)) == strip(_records(full_out))
 
 
 def test_peft_export_reloads_with_the_trained_logits(lora_run, checkpoint):
@@ -139,21 +167,16 @@ def test_other_adapters_reload_with_the_trained_logits(checkpoint, tmp_path, met
     )
 
 
-def test_full_parameter_galore_writes_a_reloadable_checkpoint(checkpoint, tmp_path, capsys):
+def test_full_parameter_galore_writes_a_reloadable_checkpoint(checkpoint, tmp_path):
     model, data = checkpoint
     out = str(tmp_path / "galore")
-    argv = ["finetune", "--model", model, "--data", data, "--out", out, "--method", "galore",
-            "--rank", "4", "--opt", "update_proj_gap=2", "--steps", "4", "--batch-size", "2",
-            "--max-seq-len", "64", "--lr", "1e-2"]  # fmt: skip
-    assert main(argv) == 0
+    cfg = FinetuneConfig(model=model, data=data, out=out, method="galore", rank=4,
+                         options={"update_proj_gap": 2}, steps=4, batch_size=2, max_seq_len=64,
+                         lr=1e-2)  # fmt: skip
+    result = finetune(cfg, **QUIET)
     summary = _records(out)[-1]
     assert summary["saved"] == {"model": os.path.join(out, "model")}
-    assert "done: validation loss" in capsys.readouterr().out
-    result = finetune(FinetuneConfig(model=model, data=data, out=str(tmp_path / "again"),
-                                     method="galore", rank=4, options={"update_proj_gap": 2},
-                                     steps=4, batch_size=2, max_seq_len=64, lr=1e-2),
-                      **QUIET)  # fmt: skip
-    assert result.summary["val_loss"] == summary["val_loss"]  # seeded: the same run
+    assert summary["val_loss"] < summary["val_loss_before"]
     tokens = _tokens(result.tokenizer)
     reloaded = load_hf(os.path.join(out, "model"))
     np.testing.assert_allclose(
