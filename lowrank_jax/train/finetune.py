@@ -305,10 +305,26 @@ def _rows(count: int, batch_size: int, seed: int) -> Any:
 
 
 def _losses(graph: Any) -> tuple[Callable, Callable]:
-    """``(loss, summed)``: mean and ``(sum, count)`` of the response-token cross-entropy."""
+    """``(loss, summed)``: mean and ``(sum, count)`` of the response-token cross-entropy.
 
-    def summed(trainable: Any, rest: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graph, trainable, rest)
+    ``loss`` trains: adapter dropout draws from ``key`` (one per step, so a resumed run draws
+    the same masks). ``summed`` evaluates, dropout off.
+    """
+
+    def forward(trainable: Any, rest: tuple, batch: dict, key: Any) -> tuple[jax.Array, jax.Array]:
+        rngs, frozen = rest
+        if key is not None:  # fresh dropout keys (a different one per stream), counts at 0
+            leaves, tree = jax.tree.flatten(rngs)
+            leaves = [
+                jax.random.fold_in(key, i)
+                if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                else jnp.zeros_like(x)
+                for i, x in enumerate(leaves)
+            ]
+            rngs = jax.tree.unflatten(tree, leaves)
+        model = nnx.merge(graph, trainable, rngs, frozen)
+        if key is None:
+            model.eval()
         logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         nll = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["targets"]
@@ -316,9 +332,12 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
         mask = batch["loss_mask"].astype(jnp.float32)
         return jnp.sum(nll * mask), jnp.sum(mask)
 
-    def loss(trainable: Any, rest: Any, batch: dict) -> jax.Array:
-        total, count = summed(trainable, rest, batch)
+    def loss(trainable: Any, rest: Any, batch: dict, key: jax.Array) -> jax.Array:
+        total, count = forward(trainable, rest, batch, key)
         return total / jnp.maximum(count, 1.0)
+
+    def summed(trainable: Any, rest: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        return forward(trainable, rest, batch, None)
 
     return loss, summed
 
@@ -483,18 +502,20 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         )
         # a copy: the training step donates the adapters' arrays
         initial = jax.tree.map(jnp.copy, reparam.adapters_of(model))
-        graph, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+        graph, adapters, rngs, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(adapters)
         tx = optax.adamw(schedule, weight_decay=0.0)
     else:
-        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        graph, params, rngs, frozen = nnx.split(model, nnx.Param, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see
         tx = _optimizer(cfg, schedule)
     tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+    rest = (rngs, frozen)  # what the model needs besides the trained arrays
     loss_fn, summed = _losses(graph)
 
-    def step(trainable: Any, opt_state: Any, rest: Any, batch: dict) -> tuple:
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch)
+    def step(trainable: Any, opt_state: Any, rest: Any, batch: dict, at: jax.Array) -> tuple:
+        key = jax.random.fold_in(jax.random.key(cfg.seed), at)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch, key)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -526,7 +547,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         val_loss = _evaluate(summed, state["trainable"], rest, val_data, cfg.batch_size)
         out = {"step": at, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0))}
         if cfg.eval_generate:
-            model = nnx.merge(graph, state["trainable"], rest)
+            model = nnx.merge(graph, state["trainable"], *rest)
             out.update(_generations(model, tokenizer, held_out, cfg))
         metrics.write(out)
         log(f"step {at}: validation loss {val_loss:.4f}, perplexity {out['val_ppl']:.2f}")
@@ -540,7 +561,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     began = time.perf_counter()
     for at in range(start + 1, (cfg.stop_at or cfg.steps) + 1):
         batch = train_data.batch(next(batches))
-        trainable, opt_state, loss = train_step(state["trainable"], state["opt_state"], rest, batch)
+        trainable, opt_state, loss = train_step(
+            state["trainable"], state["opt_state"], rest, batch, jnp.int32(at)
+        )
         tokens = state["tokens"] + int(batch["loss_mask"].sum())
         state = {"trainable": trainable, "opt_state": opt_state, "tokens": tokens}
         if at % cfg.log_every == 0 or at == cfg.steps:
@@ -556,7 +579,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
             checkpoints.save(at, state)
     seconds = time.perf_counter() - began
     checkpoints.close()
-    model = nnx.merge(graph, state["trainable"], rest)
+    model = nnx.merge(graph, state["trainable"], *rest)
+    model.eval()  # for inference: adapter dropout off
     if cfg.stop_at is not None and cfg.stop_at < cfg.steps:
         metrics.close()
         log(f"stopped after step {cfg.stop_at}; continue with --resume")
@@ -627,7 +651,9 @@ def load_with_adapter(model_spec: str, adapter: str | None = None, **overrides: 
             adapters = reparam.load(adapter, params)
     except (ValueError, OSError) as err:
         raise ConfigError(f"--adapter {adapter}: {str(err).splitlines()[0]}") from None
-    return reparam.wrap(model, adapters), tokenizer
+    model = reparam.wrap(model, adapters, rngs=nnx.Rngs(0))  # rngs: a saved dropout rate
+    model.eval()
+    return model, tokenizer
 
 
 def generate_text(

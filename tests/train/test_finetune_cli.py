@@ -153,10 +153,12 @@ def test_merged_checkpoint_has_the_adapted_logits(lora_run):
 def test_other_adapters_reload_with_the_trained_logits(checkpoint, tmp_path, method):
     # PiSSA trains on a residual base: exported as a plain LoRA of rank 2r on the original
     # weights. VeRA has no PEFT LoRA form: reparam.save's format, which --adapter also reads.
+    # Both with adapter dropout in training (off in the returned and the reloaded model).
     model, data = checkpoint
     out = str(tmp_path / method)
     cfg = FinetuneConfig(model=model, data=data, out=out, method=method, rank=4, lr=1e-2,
-                         steps=3, batch_size=2, max_seq_len=64)  # fmt: skip
+                         steps=3, batch_size=2, max_seq_len=64,
+                         options={"dropout": 0.1})  # fmt: skip
     result = finetune(cfg, **QUIET)
     tokens = _tokens(result.tokenizer)
     kind = "peft_adapter" if method == "pissa" else "adapter"
