@@ -58,9 +58,8 @@ from lowrank_jax import memory, reparam
 from lowrank_jax.data.sft import Example, prompt_ids, read_examples, tokenize_example
 from lowrank_jax.data.sft_packing import SFTData, pack_examples, split_examples
 from lowrank_jax.data.sources import DataError
-from lowrank_jax.models.hf import hf_name_map, save_hf
-from lowrank_jax.targets import path_str
 from lowrank_jax.train.config import ConfigError
+from lowrank_jax.train.finetune_export import save_outputs
 from lowrank_jax.train.metrics import MetricsWriter
 from lowrank_jax.train.step import warmup_cosine
 
@@ -70,9 +69,6 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "finetune",
-    "generate_text",
-    "load_with_adapter",
-    "peft_module_names",
 ]
 
 # Reparameterizations that train with plain AdamW on their trainable arrays and need no
@@ -81,7 +77,6 @@ ADAPTER_METHODS = (
     "lora", "dora", "pissa", "olora", "ffa_lora", "lora_xs", "vera", "nola", "dylora", "lamda",
     "loldu", "miss", "bone", "randlora", "wegeft", "hydra",
 )  # fmt: skip
-PEFT_METHODS = ("lora", "dora", "pissa", "olora", "ffa_lora")
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
 # The settings a checkpoint must agree on to be resumed (the others only change what is logged).
 RUN_SHAPING = (
@@ -206,24 +201,6 @@ class FinetuneResult(NamedTuple):
     summary: dict
     model: Any
     tokenizer: Any
-
-
-def peft_module_names(config: Any) -> Callable[[str, tuple], str]:
-    """``(leaf path, batch index) -> HF module name`` of an unscanned model of ``config``
-    (``layers/0/attn/q_proj/kernel`` -> ``model.layers.0.self_attn.q_proj``): the names PEFT
-    gives the modules of the transformers model the checkpoint loads as."""
-    names = {
-        path_str(ours): hf.removesuffix(".weight")
-        for ours, _, hf, _ in hf_name_map(config)
-        if hf.endswith(".weight")
-    }
-
-    def module_name(path: str, index: tuple = ()) -> str:
-        if index or path not in names:
-            raise ValueError(f"leaf '{path}' has no module of its own in the HF layout")
-        return names[path]
-
-    return module_name
 
 
 def _load(cfg: FinetuneConfig) -> tuple[Any, Any]:
@@ -377,37 +354,6 @@ def _generations(model: Any, tokenizer: Any, held_out: list[Example], cfg: Finet
             [r["output"] for r in answered], [r["answer"] for r in answered]
         )
     return record
-
-
-def _save(cfg: FinetuneConfig, model: Any, initial: Any, tokenizer: Any) -> dict:
-    """Writes the adapter / merged / full checkpoint under ``cfg.out``; returns the paths."""
-    saved = {}
-    if not cfg.adapter:
-        saved["model"] = os.path.join(cfg.out, "model")
-        save_hf(model, saved["model"])
-        tokenizer.save_pretrained(saved["model"])
-        return saved
-    adapters = reparam.adapters_of(model)
-    folder = os.path.join(cfg.out, "adapter")
-    if cfg.method in PEFT_METHODS:
-        if cfg.method in ("pissa", "olora"):  # residual inits: PEFT wants the original base
-            adapters = reparam.to_base_lora(adapters, initial)
-        reparam.to_peft(
-            folder,
-            adapters,
-            module_name=peft_module_names(model.config),
-            base_model_name_or_path=cfg.model,
-        )
-        saved["peft_adapter"] = folder
-    else:
-        reparam.save(folder, adapters)
-        saved["adapter"] = folder
-    if cfg.merge:
-        saved["merged"] = os.path.join(cfg.out, "merged")
-        # unwrap writes the merged kernels into the base layers: merge a copy, keep the model.
-        save_hf(reparam.unwrap(nnx.clone(model), merge=True), saved["merged"])
-        tokenizer.save_pretrained(saved["merged"])
-    return saved
 
 
 class _Checkpoints:
@@ -585,7 +531,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         metrics.close()
         log(f"stopped after step {cfg.stop_at}; continue with --resume")
         return FinetuneResult({"stopped_at": cfg.stop_at}, model, tokenizer)
-    saved = _save(cfg, model, initial, tokenizer)
+    saved = save_outputs(cfg, model, initial, tokenizer)
     summary = {
         "summary": True,
         "method": cfg.method,
@@ -622,71 +568,3 @@ def _default_lr(method: str) -> float:
     from lowrank_jax.train.registry import get_optimizer
 
     return get_optimizer(method).default_lr
-
-
-def load_with_adapter(model_spec: str, adapter: str | None = None, **overrides: Any) -> tuple:
-    """``(model, tokenizer)`` of a checkpoint, with an adapter directory applied when given:
-    a PEFT directory (``adapter_config.json``) or one written by :func:`lowrank_jax.reparam.save`.
-
-    Raises:
-      UnsupportedCheckpointError, DataError: the checkpoint or its tokenizer.
-      ConfigError: ``adapter`` is not an adapter directory, or does not fit the model.
-    """
-    from lowrank_jax.models.pretrained import load_pretrained
-
-    model, tokenizer = load_pretrained(model_spec, scan_layers=False, **overrides)
-    if adapter is None:
-        return model, tokenizer
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    config = os.path.join(adapter, "adapter_config.json")
-    if not os.path.isfile(config):
-        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there")
-    try:
-        with open(config, encoding="utf-8") as f:
-            peft_format = "peft_type" in json.load(f)
-        if peft_format:
-            names = peft_module_names(model.config)
-            adapters = reparam.from_peft(adapter, params, module_name=names)
-        else:  # reparam.save's format (same file names, its own config keys)
-            adapters = reparam.load(adapter, params)
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"--adapter {adapter}: {str(err).splitlines()[0]}") from None
-    model = reparam.wrap(model, adapters, rngs=nnx.Rngs(0))  # rngs: a saved dropout rate
-    model.eval()
-    return model, tokenizer
-
-
-def generate_text(
-    model_spec: str,
-    prompt: str,
-    *,
-    adapter: str | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> str:
-    """The reply of ``model_spec`` (plus ``adapter``) to ``prompt`` (chat template applied when
-    the tokenizer has one): :func:`lowrank_jax.generate.generate`.
-
-    Raises:
-      ConfigError: a bad sampling setting; and as :func:`load_with_adapter`.
-    """
-    from lowrank_jax.generate import generate
-
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(
-            f"need --temperature >= 0 and 0 < --top-p <= 1, got {temperature}, {top_p}"
-        )
-    model, tokenizer = load_with_adapter(model_spec, adapter)
-    return generate(
-        model,
-        tokenizer,
-        prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-    )

@@ -74,7 +74,8 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     from lowrank_jax.models.hf import UnsupportedCheckpointError
     from lowrank_jax.train.checkpoint import CheckpointError
     from lowrank_jax.train.config import ConfigError
-    from lowrank_jax.train.finetune import FinetuneConfig, finetune, generate_text
+    from lowrank_jax.train.finetune import FinetuneConfig, finetune
+    from lowrank_jax.train.finetune_export import generate_text
 
     values = dict(vars(args))
     command = values.pop("command")

@@ -16,7 +16,8 @@ from lowrank_jax.data.evaluation import normalize_answer
 from lowrank_jax.models import Llama, load_hf, save_hf
 from lowrank_jax.train.checkpoint import CheckpointError
 from lowrank_jax.train.cli import main
-from lowrank_jax.train.finetune import FinetuneConfig, finetune, load_with_adapter
+from lowrank_jax.train.finetune import FinetuneConfig, finetune
+from lowrank_jax.train.finetune_export import load_with_adapter
 from tests.data.tiny_tokenizer import CHATML, write_checkpoint_tokenizer
 from tests.models.families import randomize, tiny_config
 
@@ -273,6 +274,10 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsys):
     err = _error([*base, "--data", data, "--model", str(untokenized)], capsys)
     assert "no tokenizer.json" in err and "--tokenizer DIR" in err
     assert main([*base, "--data", data, "--model", str(untokenized), "--tokenizer", model]) == 0
+    generate = ["generate", "--model", model, "--prompt", "hi"]
+    assert "--top-p" in _error([*generate, "--top-p", "0"], capsys)
+    err = _error([*generate, "--adapter", str(tmp_path / "none")], capsys)
+    assert "--adapter" in err and "no adapter_config.json" in err
 
 
 def test_too_long_records_are_truncated_or_dropped(checkpoint, tmp_path, capsys):
