@@ -30,7 +30,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lowrank-jax`` argument parser (subcommands ``train``, ``optimizers``, ``memory``,
-    ``plot``)."""
+    ``plot``, ``finetune``, ``generate``)."""
     parser = argparse.ArgumentParser(
         prog="lowrank-jax", description="Memory-efficient LLM training with low-rank methods."
     )
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--accum-steps", type=int, default=1,
                      help="microbatches per step (gradient accumulation) [1]")  # fmt: skip
     plot.add_command(commands)  # lowrank-jax plot RUN_DIR ... [--out FILE]
+    from lowrank_jax.train.finetune_cli import add_finetune_commands
+
+    add_finetune_commands(commands, _option)  # lowrank-jax finetune / generate
     return parser
 
 
@@ -169,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lowrank-jax: error: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
         return 0
+    if args.command in ("finetune", "generate"):
+        from lowrank_jax.train.finetune_cli import run_finetune_command
+
+        return run_finetune_command(args)
     from lowrank_jax.data import DataError
     from lowrank_jax.models.hf import UnsupportedCheckpointError
     from lowrank_jax.train.checkpoint import CheckpointError

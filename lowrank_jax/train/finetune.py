@@ -1,0 +1,570 @@
+"""``lowrank-jax finetune`` and ``lowrank-jax generate``: supervised fine-tuning of a pretrained
+checkpoint in one command, and sampling from the result.
+
+``finetune`` loads a model and its tokenizer (a local HF checkpoint directory, a ``.gguf`` file
+or a hub id: :func:`~lowrank_jax.models.pretrained.load_pretrained`), reads a JSONL file of
+prompt/response, messages or text records (or a plain-text file;
+:func:`~lowrank_jax.data.sft.read_examples`), holds out a seeded ``val_fraction`` of the
+records, packs the rest into rows of ``max_seq_len`` tokens
+(:func:`~lowrank_jax.data.sft_packing.pack_examples`, documents kept apart by segment ids) and
+trains on the response tokens only:
+
+* an adapter method (``lora``, ``dora``, ``pissa``, ... :data:`ADAPTER_METHODS`): the model is
+  wrapped by :func:`lowrank_jax.reparam.wrap` (optionally on an NF4/int8 base: QLoRA) and AdamW
+  trains the adapters; the adapter is exported as a PEFT directory (LoRA, DoRA and the
+  residual inits, converted by :func:`~lowrank_jax.reparam.to_base_lora`) or in
+  :func:`lowrank_jax.reparam.save`'s format (the other methods); ``merge`` also writes the
+  merged HF checkpoint;
+* a registered optimizer (``galore``, ``fira``, ``apollo``, ``lisa``, ``adamw_8bit``,
+  ``adamw``, ...: ``lowrank-jax optimizers``): every parameter is trained and the HF
+  checkpoint is written.
+
+**Too-long records are truncated.** A prompt/response or chat record longer than
+``max_seq_len`` tokens keeps its first ``max_seq_len`` tokens; one left without a response
+token is dropped; plain text is cut into pieces. The counts are in the ``data`` line of
+``metrics.jsonl``; a file where nothing fits is an error.
+
+``metrics.jsonl`` holds a ``data`` line, training lines (``step``, ``loss``, ``lr``,
+``tokens``), evaluation lines (step ``0`` before training, every ``eval_every`` steps and at the
+end: ``step``, ``val_loss``, ``val_ppl``; with ``eval_generate``
+also ``generations`` and, when the records have answers, ``exact_match``) and a final
+``summary`` line. Expected problems raise :class:`~lowrank_jax.train.config.ConfigError`,
+:class:`~lowrank_jax.data.DataError` or ``UnsupportedCheckpointError`` (one line each).
+
+Example:
+  >>> from lowrank_jax.train.finetune import FinetuneConfig, finetune
+  >>> summary = finetune(FinetuneConfig(model="ckpt/", data="train.jsonl", out="runs/ft",
+  ...                                   method="lora", rank=8, steps=100))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lowrank_jax import memory, reparam
+from lowrank_jax.data.sft import Example, prompt_ids, read_examples, tokenize_example
+from lowrank_jax.data.sft_packing import SFTData, pack_examples, split_examples
+from lowrank_jax.data.sources import DataError
+from lowrank_jax.train.config import ConfigError
+from lowrank_jax.train.finetune_export import save_outputs
+from lowrank_jax.train.metrics import MetricsWriter
+from lowrank_jax.train.step import warmup_cosine
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "DEFAULT_TARGETS",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+]
+
+# Reparameterizations that train with plain AdamW on their trainable arrays and need no
+# calibration data (EVA, LoRA-GA) or schedule of their own (AdaLoRA, IncreLoRA, SoRA).
+ADAPTER_METHODS = (
+    "lora", "dora", "pissa", "olora", "ffa_lora", "lora_xs", "vera", "nola", "dylora", "lamda",
+    "loldu", "miss", "bone", "randlora", "wegeft", "hydra",
+)  # fmt: skip
+DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
+# The settings a checkpoint must agree on to be resumed (the others only change what is logged).
+RUN_SHAPING = (
+    "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
+    "batch_size", "max_seq_len", "seed", "quantize_base", "val_fraction", "tokenizer",
+)  # fmt: skip
+ADAPTER_LR = 2e-4  # the QLoRA paper's rate for small models
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The settings of one fine-tuning run (the ``lowrank-jax finetune`` flags).
+
+    Attributes:
+      model: local HF checkpoint directory, ``.gguf`` file or hub id.
+      data: ``.jsonl`` records (prompt/response, messages or text) or a plain-text file.
+      out: the run directory (metrics.jsonl, adapter/, model/ or merged/).
+      method: an adapter method (:data:`ADAPTER_METHODS`) or a registered optimizer name.
+      targets: regex over leaf paths of the matrices to adapt or project
+        (default :data:`DEFAULT_TARGETS` for adapters, the optimizer's own otherwise).
+      rank: adapter rank, or projection rank of a low-rank optimizer.
+      alpha: adapter scale numerator (default: the method's own; adapters only).
+      options: extra keyword arguments of the adapter factory or the optimizer alias.
+      lr: peak learning rate (default :data:`ADAPTER_LR` or the optimizer's registry default).
+      steps, batch_size, max_seq_len, seed: the run's length, rows per step, tokens per row
+        (longer records are truncated) and seed.
+      quantize_base: ``"nf4"`` or ``"int8"``: QLoRA (adapter methods only).
+      eval_every: evaluate every this many steps (``0``: at the end only).
+      eval_generate: greedy replies to this many held-out prompts at each evaluation.
+      eval_max_new_tokens: length limit of those replies.
+      merge: also write the merged HF checkpoint (adapter methods).
+      val_fraction: share of the records held out.
+      tokenizer: a directory with ``tokenizer.json`` replacing the checkpoint's own.
+      log_every: steps between training lines.
+      checkpoint_every: save the training state every this many steps (``0``: never) under
+        ``out/checkpoints`` (:class:`~lowrank_jax.train.checkpoint.Checkpointer`).
+      resume: continue from the newest intact checkpoint in ``out`` (the settings that shape
+        the run must be the same; a fresh start when there is none).
+      stop_at: stop after this step with a checkpoint, as an interrupted run would (tests,
+        time-limited jobs); resume later with ``resume``.
+    """
+
+    model: str
+    data: str
+    out: str
+    method: str = "lora"
+    targets: str | None = None
+    rank: int = 8
+    alpha: float | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+    lr: float | None = None
+    steps: int = 100
+    batch_size: int = 4
+    max_seq_len: int = 512
+    seed: int = 0
+    quantize_base: str | None = None
+    eval_every: int = 0
+    eval_generate: int = 0
+    eval_max_new_tokens: int = 32
+    merge: bool = False
+    val_fraction: float = 0.1
+    tokenizer: str | None = None
+    log_every: int = 10
+    checkpoint_every: int = 0
+    resume: bool = False
+    stop_at: int | None = None
+
+    @property
+    def adapter(self) -> bool:
+        """``True`` when ``method`` is a reparameterization (else an optimizer)."""
+        return self.method in ADAPTER_METHODS
+
+    def validate(self) -> FinetuneConfig:
+        """Checks names and ranges without loading anything; returns ``self``.
+
+        Raises:
+          ConfigError: the setting and the fix, in one line.
+        """
+        from lowrank_jax.train.registry import available_optimizers
+
+        if not self.adapter and self.method not in available_optimizers():
+            adapters, optimizers = ", ".join(ADAPTER_METHODS), ", ".join(available_optimizers())
+            raise ConfigError(
+                f"--method {self.method!r} is neither an adapter method ({adapters}) nor a "
+                f"registered optimizer ({optimizers})"
+            )
+        for name in ("steps", "batch_size", "rank", "eval_max_new_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+            raise ConfigError(f"--stop-at must be in [1, steps], got {self.stop_at!r}")
+        for name in ("eval_every", "eval_generate", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.quantize_base not in (None, "nf4", "int8"):
+            raise ConfigError(f"--quantize-base must be nf4 or int8, got {self.quantize_base!r}")
+        if not self.adapter:
+            for flag, value in (("--quantize-base", self.quantize_base), ("--merge", self.merge)):
+                if value:
+                    raise ConfigError(
+                        f"{flag} applies to adapter methods (lora, dora, ...); {self.method!r} "
+                        "trains every weight in place. Drop the flag or use an adapter method"
+                    )
+            if self.alpha is not None:
+                raise ConfigError(
+                    f"--alpha is the adapter scale; for {self.method!r} use --opt scale=VALUE"
+                )
+        return self
+
+
+class FinetuneResult(NamedTuple):
+    """What :func:`finetune` returns: the ``summary`` record (also the last line of
+    ``metrics.jsonl``), the trained model (wrapped by :func:`lowrank_jax.reparam.wrap` for
+    adapter methods) and its tokenizer."""
+
+    summary: dict
+    model: Any
+    tokenizer: Any
+
+
+def _load(cfg: FinetuneConfig) -> tuple[Any, Any]:
+    from lowrank_jax.models.pretrained import load_pretrained
+
+    try:
+        return load_pretrained(cfg.model, tokenizer_path=cfg.tokenizer, scan_layers=False)
+    except DataError as err:
+        if cfg.tokenizer:
+            raise
+        raise DataError(
+            f"{err}; or pass --tokenizer DIR (a directory with tokenizer.json)"
+        ) from None
+
+
+def _adapter_factory(cfg: FinetuneConfig) -> reparam.Reparam:
+    make = getattr(reparam, cfg.method)
+    accepted = inspect.signature(make).parameters
+    kwargs = dict(cfg.options)
+    kwargs["targets"] = cfg.targets or DEFAULT_TARGETS
+    if cfg.alpha is not None:
+        if "alpha" not in accepted:
+            raise ConfigError(f"--alpha: {cfg.method} has no alpha; drop the flag")
+        kwargs["alpha"] = cfg.alpha
+    first = next(iter(accepted))  # rank, blocks, parallel_rank, ...: the size of the adapter
+    try:
+        return make(**{first: cfg.rank}, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"--opt for {cfg.method}: {err}") from None
+
+
+def _optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
+    from lowrank_jax.train.registry import OptimizerArgs, build_optimizer
+
+    extra = dict(cfg.options)
+    if cfg.targets:
+        extra["targets"] = cfg.targets
+    args = OptimizerArgs(schedule, rank=cfg.rank, seed=cfg.seed, total_steps=cfg.steps, extra=extra)
+    try:
+        return build_optimizer(cfg.method, args)
+    except TypeError as err:
+        raise ConfigError(f"--opt / --targets for {cfg.method}: {err}") from None
+
+
+def _pack(cfg: FinetuneConfig, tokenizer: Any) -> tuple[SFTData, SFTData, list[Example], dict]:
+    examples = read_examples(cfg.data)
+    train_examples, held_out = split_examples(examples, cfg.val_fraction, seed=cfg.seed)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    train, stats = pack_examples(
+        [tokenize_example(e, tokenizer) for e in train_examples], cfg.max_seq_len, pad_id=pad
+    )
+    val, val_stats = pack_examples(
+        [tokenize_example(e, tokenizer) for e in held_out], cfg.max_seq_len, pad_id=pad
+    )
+    info = {
+        "data": cfg.data,
+        "records": len(examples),
+        "train_examples": stats.examples,
+        "val_examples": val_stats.examples,
+        "train_rows": stats.rows,
+        "val_rows": val_stats.rows,
+        "train_loss_tokens": stats.loss_tokens,
+        "truncated": stats.truncated + val_stats.truncated,
+        "dropped": stats.dropped + val_stats.dropped,
+        "fill": round(stats.fill, 4),
+    }
+    return train, val, held_out, info
+
+
+def _rows(count: int, batch_size: int, seed: int) -> Any:
+    """Row indices of each batch: seeded permutations, one after another (epochs)."""
+    rng = np.random.default_rng(seed)
+    pending = np.zeros(0, np.int64)
+    while True:
+        while len(pending) < batch_size:
+            pending = np.concatenate([pending, rng.permutation(count)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def _losses(graph: Any) -> tuple[Callable, Callable]:
+    """``(loss, summed)``: mean and ``(sum, count)`` of the response-token cross-entropy.
+
+    ``loss`` trains: adapter dropout draws from ``key`` (one per step, so a resumed run draws
+    the same masks). ``summed`` evaluates, dropout off.
+    """
+
+    def forward(trainable: Any, rest: tuple, batch: dict, key: Any) -> tuple[jax.Array, jax.Array]:
+        rngs, frozen = rest
+        if key is not None:  # fresh dropout keys (a different one per stream), counts at 0
+            leaves, tree = jax.tree.flatten(rngs)
+            leaves = [
+                jax.random.fold_in(key, i)
+                if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                else jnp.zeros_like(x)
+                for i, x in enumerate(leaves)
+            ]
+            rngs = jax.tree.unflatten(tree, leaves)
+        model = nnx.merge(graph, trainable, rngs, frozen)
+        if key is None:
+            model.eval()
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["targets"]
+        )
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum(nll * mask), jnp.sum(mask)
+
+    def loss(trainable: Any, rest: Any, batch: dict, key: jax.Array) -> jax.Array:
+        total, count = forward(trainable, rest, batch, key)
+        return total / jnp.maximum(count, 1.0)
+
+    def summed(trainable: Any, rest: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        return forward(trainable, rest, batch, None)
+
+    return loss, summed
+
+
+def _evaluate(summed: Callable, trainable: Any, rest: Any, val: SFTData, batch_size: int) -> float:
+    total = count = 0.0
+    rows = np.arange(len(val.inputs))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = val.batch(np.resize(chunk, batch_size))  # one shape: repeats are masked out
+        batch["loss_mask"] = batch["loss_mask"] & (np.arange(batch_size) < len(chunk))[:, None]
+        s, c = summed(trainable, rest, batch)
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def _generations(model: Any, tokenizer: Any, held_out: list[Example], cfg: FinetuneConfig) -> dict:
+    from lowrank_jax.data.evaluation import exact_match
+    from lowrank_jax.generate import generate_ids
+
+    examples = [e for e in held_out if e.kind != "text"][: cfg.eval_generate]
+    eos = getattr(tokenizer, "eos_ids", None) or (tokenizer.eos_id,)
+    prompts = [prompt_ids(e, tokenizer).tolist() for e in examples]
+    outputs = generate_ids(model, prompts, max_new_tokens=cfg.eval_max_new_tokens, eos_ids=eos)
+    rows = [
+        {
+            "prompt": next(m["content"] for m in reversed(e.messages) if m["role"] == "user"),
+            "output": tokenizer.decode([t for t in ids if t not in eos]),
+            "answer": e.answer,
+        }
+        for e, ids in zip(examples, outputs, strict=True)
+    ]
+    record: dict[str, Any] = {"generations": rows}
+    answered = [r for r in rows if r["answer"] is not None]
+    if answered:
+        record["exact_match"] = exact_match(
+            [r["output"] for r in answered], [r["answer"] for r in answered]
+        )
+    return record
+
+
+class _Checkpoints:
+    """The run's orbax checkpoints (``out/checkpoints``), opened only when they are used."""
+
+    def __init__(self, cfg: FinetuneConfig, log: Callable[[str], None]):
+        from lowrank_jax.train.checkpoint import Checkpointer
+
+        self.cfg, self.log = cfg, log
+        self.meta = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_SHAPING}))
+        used = cfg.checkpoint_every or cfg.resume or cfg.stop_at
+        self.manager = Checkpointer(os.path.join(cfg.out, "checkpoints"), keep=2) if used else None
+
+    def restore(self, state: dict) -> tuple[int, dict]:
+        """``(step, state)`` of the newest intact checkpoint with ``resume``, else ``(0, state)``.
+
+        Raises:
+          CheckpointError: written by a run with other settings, or none intact.
+        """
+        from lowrank_jax.train.checkpoint import CheckpointError
+
+        if not self.cfg.resume:
+            return 0, state
+
+        def accept(saved: dict, step: int) -> None:
+            different = [
+                k for k in sorted(set(saved) | set(self.meta)) if saved.get(k) != self.meta.get(k)
+            ]
+            if different:
+                raise CheckpointError(
+                    f"checkpoint {self.manager.path(step)} was written with other settings ("
+                    + ", ".join(
+                        f"{k}={saved.get(k)!r}, now {self.meta.get(k)!r}" for k in different
+                    )
+                    + "); use the same settings or another --out"
+                )
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        found = self.manager.restore_latest(abstract, accept, self.log)
+        if found is None:
+            self.log(f"no checkpoint in {self.cfg.out}; starting from step 0")
+            return 0, state
+        step, restored, _, _ = found
+        self.log(f"resumed from step {step}")
+        return step, restored
+
+    def save(self, step: int, state: dict) -> None:
+        """Writes ``state`` as ``step`` (the data position is the step itself)."""
+        from lowrank_jax.data.packing import IteratorState
+
+        batch = self.cfg.batch_size
+        self.manager.save(step, state, IteratorState(0, step * batch), self.meta)
+
+    def close(self) -> None:
+        """Releases the checkpoint manager (if one was opened)."""
+        if self.manager is not None:
+            self.manager.close()
+
+
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Fine-tunes ``cfg.model`` on ``cfg.data`` (see the module docstring).
+
+    Args:
+      cfg: the run's :class:`FinetuneConfig`.
+      log: where progress lines go.
+
+    Returns:
+      A :class:`FinetuneResult`; its ``summary`` has ``val_loss``, ``val_ppl``,
+      ``trainable_params``, ``optimizer_state_bytes``, ``saved`` (paths), ...
+
+    Raises:
+      ConfigError, DataError, UnsupportedCheckpointError: bad settings, data or checkpoint.
+    """
+    from lowrank_jax.train.loop import check_out
+
+    cfg = cfg.validate()
+    check_out(cfg.out)
+    model, tokenizer = _load(cfg)
+    train_data, val_data, held_out, info = _pack(cfg, tokenizer)
+    if cfg.eval_generate and not any(e.kind != "text" for e in held_out):
+        raise ConfigError("--eval-generate needs prompt/response or messages records held out")
+    lr = cfg.lr or (ADAPTER_LR if cfg.adapter else _default_lr(cfg.method))
+    schedule = warmup_cosine(lr, cfg.steps, max(1, cfg.steps // 10))
+    initial = None
+    if cfg.adapter:
+        model = reparam.wrap(
+            model,
+            _adapter_factory(cfg),
+            key=jax.random.key(cfg.seed),
+            rngs=nnx.Rngs(dropout=cfg.seed),
+            quantize_base=cfg.quantize_base,
+        )
+        # a copy: the training step donates the adapters' arrays
+        initial = jax.tree.map(jnp.copy, reparam.adapters_of(model))
+        graph, adapters, rngs, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+        trainable = nnx.to_pure_dict(adapters)
+        tx = optax.adamw(schedule, weight_decay=0.0)
+    else:
+        graph, params, rngs, frozen = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see
+        tx = _optimizer(cfg, schedule)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+    rest = (rngs, frozen)  # what the model needs besides the trained arrays
+    loss_fn, summed = _losses(graph)
+
+    def step(trainable: Any, opt_state: Any, rest: Any, batch: dict, at: jax.Array) -> tuple:
+        key = jax.random.fold_in(jax.random.key(cfg.seed), at)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(trainable)))
+    state_bytes = memory.state_bytes(tx, trainable)
+    log(
+        f"{cfg.method} on {cfg.model}: {trainable_params:,} trainable parameters, optimizer "
+        f"state {memory.human(state_bytes)}; {info['train_rows']} rows of {cfg.max_seq_len} "
+        f"tokens ({info['truncated']} records truncated, {info['dropped']} dropped)"
+    )
+    state = {"trainable": trainable, "opt_state": tx.init(trainable), "tokens": jnp.int32(0)}
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoints = _Checkpoints(cfg, log)
+    start, state = checkpoints.restore(state)
+    if start >= cfg.steps:
+        raise ConfigError(
+            f"the run in {cfg.out} already finished its {cfg.steps} steps; choose another --out"
+        )
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    metrics = MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), start if start else None)
+    train_step = jax.jit(step, donate_argnums=(0, 1))
+    summed = jax.jit(summed)
+    batches = _rows(len(train_data.inputs), cfg.batch_size, cfg.seed)
+    for _ in range(start):  # the batches a resumed run has already seen
+        next(batches)
+
+    def evaluate(at: int) -> dict:
+        val_loss = _evaluate(summed, state["trainable"], rest, val_data, cfg.batch_size)
+        out = {"step": at, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0))}
+        if cfg.eval_generate:
+            model = nnx.merge(graph, state["trainable"], *rest)
+            out.update(_generations(model, tokenizer, held_out, cfg))
+        metrics.write(out)
+        log(f"step {at}: validation loss {val_loss:.4f}, perplexity {out['val_ppl']:.2f}")
+        return out
+
+    if start:
+        before = next(r for r in metrics.resumed_records if r.get("step") == 0 and "val_loss" in r)
+    else:
+        metrics.write(info)
+        before = evaluate(0)
+    began = time.perf_counter()
+    for at in range(start + 1, (cfg.stop_at or cfg.steps) + 1):
+        batch = train_data.batch(next(batches))
+        trainable, opt_state, loss = train_step(
+            state["trainable"], state["opt_state"], rest, batch, jnp.int32(at)
+        )
+        tokens = state["tokens"] + int(batch["loss_mask"].sum())
+        state = {"trainable": trainable, "opt_state": opt_state, "tokens": tokens}
+        if at % cfg.log_every == 0 or at == cfg.steps:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise ConfigError(f"the loss is not finite at step {at}; lower --lr ({lr:g})")
+            metrics.write({"step": at, "loss": loss, "lr": float(schedule(at - 1)),
+                           "tokens": int(tokens)})  # fmt: skip
+            log(f"step {at}: loss {loss:.4f}")
+        if (cfg.eval_every and at % cfg.eval_every == 0) or at == cfg.steps:
+            record = evaluate(at)
+        if (cfg.checkpoint_every and at % cfg.checkpoint_every == 0) or at == cfg.stop_at:
+            checkpoints.save(at, state)
+    seconds = time.perf_counter() - began
+    checkpoints.close()
+    model = nnx.merge(graph, state["trainable"], *rest)
+    model.eval()  # for inference: adapter dropout off
+    if cfg.stop_at is not None and cfg.stop_at < cfg.steps:
+        metrics.close()
+        log(f"stopped after step {cfg.stop_at}; continue with --resume")
+        return FinetuneResult({"stopped_at": cfg.stop_at}, model, tokenizer)
+    saved = save_outputs(cfg, model, initial, tokenizer)
+    summary = {
+        "summary": True,
+        "method": cfg.method,
+        "steps": cfg.steps,
+        "val_loss_before": before["val_loss"],
+        "val_loss": record["val_loss"],
+        "val_ppl": record["val_ppl"],
+        "trainable_params": trainable_params,
+        "optimizer_state_bytes": state_bytes,
+        "train_tokens": int(state["tokens"]),
+        "seconds": round(seconds, 2),
+        "saved": saved,
+    }
+    if "exact_match" in record:
+        summary["exact_match_before"] = before["exact_match"]
+        summary["exact_match"] = record["exact_match"]
+    metrics.write(summary)
+    metrics.close()
+    scored = (
+        f", exact match {before['exact_match']:.3f} -> {record['exact_match']:.3f}"
+        if "exact_match" in record
+        else ""
+    )
+    log(
+        f"done: validation loss {before['val_loss']:.4f} -> {record['val_loss']:.4f} "
+        f"(perplexity {record['val_ppl']:.2f}){scored}; {trainable_params:,} trainable "
+        f"parameters, optimizer state {memory.human(state_bytes)}; saved "
+        f"{', '.join(saved.values())}"
+    )
+    return FinetuneResult(summary, model, tokenizer)
+
+
+def _default_lr(method: str) -> float:
+    from lowrank_jax.train.registry import get_optimizer
+
+    return get_optimizer(method).default_lr

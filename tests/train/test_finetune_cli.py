@@ -1,0 +1,311 @@
+"""``lowrank-jax finetune`` / ``generate`` end to end on a tiny checkpoint written here (no
+transformers needed): PEFT export and reload, merged and full checkpoints with the logits of the
+trained model, QLoRA, GGUF, and the one-line errors. The PEFT parity test needs the `compare`
+extra (transformers, torch, peft) and skips without it."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lowrank_jax.data.evaluation import normalize_answer
+from lowrank_jax.models import Llama, load_hf, save_hf
+from lowrank_jax.train.checkpoint import CheckpointError
+from lowrank_jax.train.cli import main
+from lowrank_jax.train.finetune import FinetuneConfig, finetune
+from lowrank_jax.train.finetune_export import load_with_adapter
+from tests.data.tiny_tokenizer import CHATML, write_checkpoint_tokenizer
+from tests.models.families import randomize, tiny_config
+
+forward = nnx.jit(lambda model, tokens: model(tokens))
+QUIET = dict(log=lambda _: None)
+
+
+def _problems(count=24):
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(count):
+        a, b = (int(x) for x in rng.integers(1, 50, 2))
+        rows.append({"prompt": f"What is {a} + {b}?", "response": str(a + b)})
+    return rows
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny LLaMA checkpoint directory with a chat-template tokenizer, and its data file."""
+    root = tmp_path_factory.mktemp("ckpt")
+    tokenizer_dir = write_checkpoint_tokenizer(root / "hf")
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    size = len(vocab["model"]["vocab"]) + len(vocab["added_tokens"])
+    config = tiny_config("llama_bias", qkv_bias=False, o_bias=False, mlp_bias=False,
+                         vocab_size=size)  # fmt: skip
+    save_hf(randomize(Llama(config, rngs=nnx.Rngs(0))), str(root / "hf"))
+    return str(root / "hf"), _write_jsonl(root / "train.jsonl", _problems())
+
+
+def _tokens(tokenizer):
+    return jnp.asarray(tokenizer.encode("What is 12 + 7? It is 19.")[None, :])
+
+
+def _lora_config(checkpoint, out, **overrides):
+    model, data = checkpoint
+    settings = dict(method="lora", rank=4, alpha=8.0, lr=1e-2, steps=6, batch_size=2,
+                    max_seq_len=64, eval_every=3, eval_generate=2, eval_max_new_tokens=4,
+                    merge=True, log_every=1)  # fmt: skip
+    return FinetuneConfig(model=model, data=data, out=out, **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def lora_run(checkpoint, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora") / "run")
+    return out, finetune(_lora_config(checkpoint, out), **QUIET)
+
+
+def test_lora_run_writes_metrics_and_summary(lora_run):
+    out, result = lora_run
+    records = _records(out)
+    assert records[0]["records"] == 24 and records[0]["val_examples"] == 2
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+    evals = [r for r in records if "val_loss" in r and not r.get("summary")]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(len(r["generations"]) == 2 and 0 <= r["exact_match"] <= 1 for r in evals)
+    assert all(r["val_ppl"] == pytest.approx(np.exp(r["val_loss"])) for r in evals)
+    for r in evals:
+        hits = [normalize_answer(g["output"]) == normalize_answer(g["answer"])
+                for g in r["generations"]]  # fmt: skip
+        assert r["exact_match"] == np.mean(hits)
+    summary = records[-1]
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["val_loss"] == evals[-1]["val_loss"]
+    assert summary["val_loss_before"] == evals[0]["val_loss"] > summary["val_loss"]
+    assert summary["exact_match_before"] == evals[0]["exact_match"]
+    # rank 4 on 7 matrices of 2 layers: A (in x 4) + B (4 x out) each.
+    model = result.model
+    expected = sum(
+        4 * (layer.kernel.shape[0] + layer.kernel.shape[1])
+        for block in (model.layers[0], model.layers[1])
+        for layer in (block.attn.q_proj.base, block.attn.k_proj.base, block.attn.v_proj.base,
+                      block.attn.o_proj.base, block.mlp.gate_proj.base, block.mlp.up_proj.base,
+                      block.mlp.down_proj.base)
+    )  # fmt: skip
+    assert summary["trainable_params"] == expected
+    # AdamW: two moments of every trainable value, float32, plus its step count.
+    assert 8 * expected <= summary["optimizer_state_bytes"] <= 8 * expected + 64
+    assert set(summary["saved"]) == {"peft_adapter", "merged"}
+
+
+def test_a_stopped_run_resumes_to_the_same_result(lora_run, checkpoint, tmp_path):
+    full_out, full = lora_run
+    out = str(tmp_path / "resumed")
+    stopped = finetune(_lora_config(checkpoint, out, stop_at=4), **QUIET)
+    assert stopped.summary == {"stopped_at": 4}
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]
+    assert not os.path.exists(os.path.join(out, "adapter"))
+    with pytest.raises(CheckpointError, match="other settings.*lr=0.01, now 0.02"):
+        finetune(_lora_config(checkpoint, out, resume=True, lr=2e-2), **QUIET)
+    resumed = finetune(_lora_config(checkpoint, out, resume=True), **QUIET)
+    tokens = _tokens(full.tokenizer)
+    np.testing.assert_array_equal(
+        np.asarray(forward(resumed.model, tokens)), np.asarray(forward(full.model, tokens))
+    )
+    ignore = ("seconds", "saved")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ignore} for r in rows]
+    assert strip(_records(out)) == strip(_records(full_out))
+
+
+def test_peft_export_reloads_with_the_trained_logits(lora_run, checkpoint):
+    out, result = lora_run
+    tokens = _tokens(result.tokenizer)
+    trained = np.asarray(forward(result.model, tokens))
+    base, _ = load_with_adapter(checkpoint[0])
+    assert np.abs(np.asarray(forward(base, tokens)) - trained).max() > 1e-3  # it did train
+    reloaded, _ = load_with_adapter(checkpoint[0], os.path.join(out, "adapter"))
+    np.testing.assert_allclose(np.asarray(forward(reloaded, tokens)), trained, atol=1e-5)
+    config = json.loads(open(os.path.join(out, "adapter", "adapter_config.json")).read())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert "model.layers.1.self_attn.q_proj" in config["target_modules"]
+
+
+def test_merged_checkpoint_has_the_adapted_logits(lora_run):
+    out, result = lora_run
+    tokens = _tokens(result.tokenizer)
+    merged = load_hf(os.path.join(out, "merged"))
+    np.testing.assert_allclose(
+        np.asarray(forward(merged, tokens)), np.asarray(forward(result.model, tokens)), atol=1e-5
+    )
+    assert os.path.exists(os.path.join(out, "merged", "tokenizer.json"))
+
+
+@pytest.mark.parametrize("method", ["pissa", "vera"])
+def test_other_adapters_reload_with_the_trained_logits(checkpoint, tmp_path, method):
+    # PiSSA trains on a residual base: exported as a plain LoRA of rank 2r on the original
+    # weights. VeRA has no PEFT LoRA form: reparam.save's format, which --adapter also reads.
+    # Both with adapter dropout in training (off in the returned and the reloaded model).
+    model, data = checkpoint
+    out = str(tmp_path / method)
+    cfg = FinetuneConfig(model=model, data=data, out=out, method=method, rank=4, lr=1e-2,
+                         steps=3, batch_size=2, max_seq_len=64,
+                         options={"dropout": 0.1})  # fmt: skip
+    result = finetune(cfg, **QUIET)
+    tokens = _tokens(result.tokenizer)
+    kind = "peft_adapter" if method == "pissa" else "adapter"
+    assert result.summary["saved"] == {kind: os.path.join(out, "adapter")}
+    reloaded, _ = load_with_adapter(model, os.path.join(out, "adapter"))
+    np.testing.assert_allclose(
+        np.asarray(forward(reloaded, tokens)), np.asarray(forward(result.model, tokens)), atol=1e-5
+    )
+
+
+def test_full_parameter_galore_writes_a_reloadable_checkpoint(checkpoint, tmp_path):
+    model, data = checkpoint
+    out = str(tmp_path / "galore")
+    cfg = FinetuneConfig(model=model, data=data, out=out, method="galore", rank=4,
+                         options={"update_proj_gap": 2}, steps=4, batch_size=2, max_seq_len=64,
+                         lr=1e-2)  # fmt: skip
+    result = finetune(cfg, **QUIET)
+    summary = _records(out)[-1]
+    assert summary["saved"] == {"model": os.path.join(out, "model")}
+    assert summary["val_loss"] < summary["val_loss_before"]
+    tokens = _tokens(result.tokenizer)
+    reloaded = load_hf(os.path.join(out, "model"))
+    np.testing.assert_allclose(
+        np.asarray(forward(reloaded, tokens)), np.asarray(forward(result.model, tokens)), atol=1e-5
+    )
+    # Every weight trains (the count is the model's), GaLore's state is below AdamW's 2x.
+    params = nnx.state(result.model, nnx.Param)
+    total = sum(np.size(x) for x in jax.tree.leaves(params))
+    assert summary["trainable_params"] == total
+    assert summary["optimizer_state_bytes"] < 8 * total
+
+
+def test_qlora_nf4_trains_and_the_loss_falls(checkpoint, tmp_path):
+    model, data = checkpoint
+    out = str(tmp_path / "qlora")
+    # The head is adapted too: this random model's frozen head bounds its logits too tightly
+    # for the answer tokens to become likely otherwise.
+    targets = r"(q|k|v|o|gate|up|down)_proj/kernel|lm_head/kernel"
+    cfg = FinetuneConfig(model=model, data=data, out=out, method="lora", rank=4, lr=3e-2,
+                         steps=12, batch_size=4, max_seq_len=64, quantize_base="nf4",
+                         targets=targets, log_every=1)  # fmt: skip
+    result = finetune(cfg, **QUIET)
+    losses = [r["loss"] for r in _records(out) if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.5
+    assert result.summary["val_loss"] < losses[0] - 1.5
+    for kernel in (
+        result.model.layers[0].attn.q_proj.base.kernel,
+        result.model.lm_head.base.kernel,
+    ):
+        assert type(kernel).__name__ == "QuantizedKernel"
+    config = json.loads(open(os.path.join(out, "adapter", "adapter_config.json")).read())
+    assert "lm_head" in config["target_modules"]
+
+
+def test_gguf_checkpoint_fine_tunes(checkpoint, tmp_path):
+    pytest.importorskip("gguf", reason="needs the gguf package (the `finetune` extra)")
+    from tests.models.gguf_writer import convert
+
+    model, data = checkpoint
+    path = convert(
+        model,
+        tmp_path / "m.gguf",
+        tokenizer_json=os.path.join(model, "tokenizer.json"),
+        chat_template=CHATML,
+    )
+    out = str(tmp_path / "run")
+    argv = ["finetune", "--model", str(path), "--data", data, "--out", out, "--rank", "2",
+            "--steps", "2", "--batch-size", "2", "--max-seq-len", "64"]  # fmt: skip
+    assert main(argv) == 0
+    summary = _records(out)[-1]
+    assert np.isfinite(summary["val_loss"]) and "peft_adapter" in summary["saved"]
+
+
+def test_generate_prints_the_reply(lora_run, checkpoint, capsys):
+    from lowrank_jax.generate import generate
+
+    out, result = lora_run
+    prompt = "What is 3 + 4?"
+    argv = ["generate", "--model", checkpoint[0], "--prompt", prompt, "--max-new-tokens", "6"]
+    assert main([*argv, "--adapter", os.path.join(out, "adapter")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == generate(result.model, result.tokenizer, prompt, max_new_tokens=6) + "\n"
+    assert main(argv) == 0  # the base model alone
+    base, tokenizer = load_with_adapter(checkpoint[0])
+    assert capsys.readouterr().out == generate(base, tokenizer, prompt, max_new_tokens=6) + "\n"
+
+
+def _error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowrank-jax: error: ") and "\n" not in err
+    return err
+
+
+def test_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsys):
+    model, data = checkpoint
+    base = ["finetune", "--model", model, "--out", str(tmp_path / "out"), "--steps", "1"]
+    err = _error([*base, "--data", data, "--method", "nope"], capsys)
+    assert "'nope'" in err and "lora" in err and "galore" in err
+    rows = _problems(4)
+    del rows[2]["response"]
+    bad = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    assert "bad.jsonl:3: missing field 'response'" in _error([*base, "--data", bad], capsys)
+    err = _error([*base, "--data", data, "--method", "galore", "--quantize-base", "nf4"], capsys)
+    assert "--quantize-base" in err and "adapter methods" in err
+    err = _error([*base, "--data", data, "--method", "adamw", "--merge"], capsys)
+    assert "--merge" in err
+    untokenized = tmp_path / "bare"
+    untokenized.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (untokenized / name).write_bytes(open(os.path.join(model, name), "rb").read())
+    err = _error([*base, "--data", data, "--model", str(untokenized)], capsys)
+    assert "no tokenizer.json" in err and "--tokenizer DIR" in err
+    assert main([*base, "--data", data, "--model", str(untokenized), "--tokenizer", model]) == 0
+    generate = ["generate", "--model", model, "--prompt", "hi"]
+    assert "--top-p" in _error([*generate, "--top-p", "0"], capsys)
+    err = _error([*generate, "--adapter", str(tmp_path / "none")], capsys)
+    assert "--adapter" in err and "no adapter_config.json" in err
+
+
+def test_too_long_records_are_truncated_or_dropped(checkpoint, tmp_path, capsys):
+    model, data = checkpoint
+    rows = _problems(6)
+    rows[1]["response"] = " ".join(["19"] * 40)  # the response is cut, the record is kept
+    rows[3]["prompt"] = "What is " + " + ".join(["1"] * 40) + "?"  # no response token fits
+    long = _write_jsonl(tmp_path / "long.jsonl", rows)
+    out = str(tmp_path / "out")
+    argv = ["finetune", "--model", model, "--data", long, "--out", out, "--steps", "1",
+            "--max-seq-len", "64", "--val-fraction", "0.2", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    info = _records(out)[0]
+    assert (info["truncated"], info["dropped"]) == (1, 1)
+    assert info["train_examples"] + info["val_examples"] == 5
+    only_long = _write_jsonl(tmp_path / "only.jsonl", [rows[3], rows[3]])
+    argv[argv.index(long)] = only_long
+    assert "no example fits --max-seq-len 64" in _error(argv, capsys)
+
+
+def test_peft_loads_the_exported_adapter(lora_run, checkpoint):
+    torch = pytest.importorskip("torch", reason="needs torch (the `compare` extra)")
+    transformers = pytest.importorskip("transformers", reason="needs transformers (`compare`)")
+    peft = pytest.importorskip("peft", reason="needs peft (the `compare` extra)")
+    out, result = lora_run
+    tokens = _tokens(result.tokenizer)
+    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    with torch.no_grad():
+        theirs = adapted(torch.as_tensor(np.asarray(tokens))).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(forward(result.model, tokens)), atol=1e-4)
