@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append({"model": model, "optimizer": name, "mode": mode,
                                  "refused": str(err)})  # fmt: skip
                     continue
+                except ValueError as err:  # OwLore needs its layer probabilities (--opt probs)
+                    if "needs --opt" not in str(err):
+                        raise
+                    print(f"{model:10s} {name:18s} {mode:9s} not run: {str(err)[:90]}", flush=True)
+                    rows.append({"model": model, "optimizer": name, "mode": mode,
+                                 "not_run": str(err)})  # fmt: skip
+                    continue
                 row = {
                     "model": model,
                     "optimizer": name,
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "state_bytes": plan.state_bytes,
                 }
                 rows.append(row)
+                _write(args.out, rows)  # after every row: a long run that stops keeps its rows
                 print(
                     f"{model:10s} {name:18s} {mode:9s} compile {row['compile_s']:6.1f}s  "
                     f"peak {memory.human(row['peak_bytes']):>10}  temp "
@@ -107,10 +115,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{memory.human(row['state_bytes']):>10}",
                     flush=True,
                 )
-    path = pathlib.Path(args.out)
+    _write(args.out, rows)
+    return rows
+
+
+def _write(out: str, rows: list[dict]) -> None:
+    path = pathlib.Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1))
-    return rows
 
 
 if __name__ == "__main__":
