@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flax import nnx
 
@@ -21,9 +21,6 @@ from lowrank_jax import reparam
 from lowrank_jax.models.hf import hf_name_map, save_hf
 from lowrank_jax.targets import path_str
 from lowrank_jax.train.config import ConfigError
-
-if TYPE_CHECKING:
-    from lowrank_jax.train.finetune import FinetuneConfig
 
 __all__ = [
     "PEFT_METHODS",
@@ -55,13 +52,13 @@ def peft_module_names(config: Any) -> Callable[[str, tuple], str]:
     return module_name
 
 
-def save_outputs(cfg: FinetuneConfig, model: Any, initial: Any, tokenizer: Any) -> dict:
+def save_outputs(cfg: Any, model: Any, initial: Any, tokenizer: Any) -> dict:
     """Writes what a run leaves under ``cfg.out``: ``model/`` (HF checkpoint and tokenizer) for an
     optimizer method; for an adapter method ``adapter/`` (PEFT for :data:`PEFT_METHODS`, else
     :func:`lowrank_jax.reparam.save`'s format) and, with ``cfg.merge``, ``merged/``.
 
     Args:
-      cfg: the run's settings.
+      cfg: the run's :class:`~lowrank_jax.train.finetune.FinetuneConfig`.
       model: the trained model (wrapped for adapter methods).
       initial: the adapters at init (residual inits export against the original base).
       tokenizer: saved next to HF checkpoints.
