@@ -123,15 +123,17 @@ def scale_by_adam_8bit(
         t = count.astype(jnp.float32)
         correction1, correction2 = 1 - b1**t, 1 - b2**t
 
+        def quantized(g: jax.Array, m: Any, v: Any) -> tuple[jax.Array, Any, Any]:
+            return kernels.adam_8bit_update(
+                g, m, v, b1=b1, b2=b2, eps=eps, correction1=correction1,
+                correction2=correction2, block_size=block_size, quantization=quantization,
+            )  # fmt: skip
+
         def leaf(g: jax.Array, m: Any, v: Any) -> tuple[jax.Array, Any, Any]:
             if isinstance(m, QuantizedArray):  # one fused pass: Pallas on GPU/TPU, else jnp
-                return _Out(
-                    *kernels.adam_8bit_update(
-                        g, m, v, b1=b1, b2=b2, eps=eps, correction1=correction1,
-                        correction2=correction2, block_size=block_size,
-                        quantization=quantization,
-                    )
-                )
+                if _stacked(g.shape, block_size):
+                    return _Out(*_per_slice(quantized, g, m, v))
+                return _Out(*quantized(g, m, v))
             # small leaves keep float32 moments
             g32 = g.astype(jnp.float32)
             m32 = b1 * m + (1 - b1) * g32
@@ -146,6 +148,31 @@ def scale_by_adam_8bit(
         return pick(0), ScaleByAdam8bitState(count, pick(1), pick(2))
 
     return auto_sharded(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+
+
+def _stacked(shape: tuple[int, ...], block_size: int) -> bool:
+    """A stack of matrices (``[L, ...]``, ``L > 1``) whose every slice is a whole number of
+    quantization blocks, so that no block straddles two slices."""
+    return len(shape) >= 3 and shape[0] > 1 and math.prod(shape[1:]) % block_size == 0
+
+
+def _per_slice(update: Any, g: jax.Array, m: QuantizedArray, v: QuantizedArray) -> tuple:
+    """``update(g, m, v)`` one leading-axis slice at a time (``lax.map``): the same blocks,
+    so the same result bit for bit, but the float32 moments it dequantizes are one slice's (a
+    layer's matrix) instead of the whole stack's; all at once they cost XLA the float32
+    moments of every stacked leaf together (measured: 8-bit AdamW's llama_1b step held 19 GB
+    more temporaries than AdamW's)."""
+    n = g.shape[0]
+
+    def one(args: tuple) -> tuple:
+        gi, mc, ms, vc, vs = args
+        return update(gi, QuantizedArray(mc, ms), QuantizedArray(vc, vs))
+
+    u, m_new, v_new = jax.lax.map(
+        one, (g, m.codes, m.scales.reshape(n, -1), v.codes, v.scales.reshape(n, -1))
+    )
+    flat = lambda q: QuantizedArray(q.codes, q.scales.reshape(-1))
+    return u, flat(m_new), flat(v_new)
 
 
 class _Out(NamedTuple):
