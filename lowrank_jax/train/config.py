@@ -145,6 +145,13 @@ class RunConfig:
         "a step with a non-finite loss, gradient or update is skipped (parameters and optimizer "
         "state unchanged); stop after this many in a row (0: stop at the first)",
     )
+    skip_nonfinite: bool = _setting(
+        True,
+        "guard each step: one with a non-finite loss, gradient or update is skipped. Without "
+        "the guard the step is leaner for GaLore (no lax.cond keeping the gradients alive: "
+        "3.2 GB of temporaries at llama_1b) and a non-finite step stops the run before anything "
+        "is saved (resume from the last checkpoint)",
+    )
     scan_layers: bool = _setting(
         False, "stack the layers and run them with lax.scan", identity=True
     )

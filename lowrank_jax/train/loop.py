@@ -312,6 +312,7 @@ class _Setup:
             layerwise=cfg.layerwise,
             clip_per_layer=cfg.clip_per_layer,
             accum_steps=cfg.accum_steps,
+            skip_nonfinite=cfg.skip_nonfinite,
         )
         batch = jax.ShapeDtypeStruct(
             (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=self.batch_sharding

@@ -5,6 +5,8 @@ A step whose loss or gradients are not finite is skipped by the train step
 (:func:`~lowrank_jax.train.step.make_train_step`: parameters and optimizer state unchanged);
 the loop writes a metrics line for it (``"skipped": true``, a running ``skipped_steps`` count),
 warns, and stops with :class:`TrainError` after more than ``--max-skipped-steps`` in a row.
+With the guard off (``--no-skip-nonfinite``) a non-finite step stops the run at once, before
+its state is saved.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def run_steps(
             if step > start + 1:  # the first step of a process is not representative
                 timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
             skipped = bool(out["skipped"])
+            if not cfg.skip_nonfinite and not math.isfinite(loss + float(out["grad_norm"])):
+                raise TrainError(
+                    f"step {step}: the loss or a gradient is not finite (loss {loss}) and the "
+                    "step guard is off (--no-skip-nonfinite), so the parameters are not either; "
+                    f"nothing was saved from this step. The last checkpoint is {saved}: resume "
+                    "from it (--resume) with a lower --lr or --grad-clip, or with the guard on"
+                )
             in_a_row = in_a_row + 1 if skipped else 0
             skipped_total += skipped
             rate = tokens_per_step / seconds

@@ -228,3 +228,20 @@ def test_data_folder_without_text_files_and_binary_data(tmp_path, capfd):
         f"lowrank-jax: error: --data: {nul} is not a text file (a NUL byte at offset 0: binary "
         "data); remove it or narrow --data to text files"
     )
+
+
+def test_without_the_guard_a_nonfinite_step_stops_the_run_before_saving(tmp_path, monkeypatch):
+    """``--no-skip-nonfinite`` (GaLore's leaner ordinary step): batch 5 is bad; the run stops
+    at step 5 naming the step-3 checkpoint, which is intact, and no later one is written."""
+    monkeypatch.setattr(run_loop, "BatchIterator", _Poisoned)
+    monkeypatch.setattr(_Poisoned, "BAD", {5})
+    out = str(tmp_path / "unguarded")
+    with pytest.raises(TrainError) as err:
+        train(RunConfig(out=out, skip_nonfinite=False, **TINY), log=lambda _: None)
+    text = str(err.value)
+    assert text.startswith("step 5: the loss or a gradient is not finite") and "\n" not in text
+    assert "--no-skip-nonfinite" in text
+    assert f"The last checkpoint is {os.path.join(out, 'checkpoints', '3')}" in text
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["3"]
+    lines = {r["step"]: r for r in records(out) if "loss" in r and not r.get("summary")}
+    assert sorted(lines) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in lines.values())
