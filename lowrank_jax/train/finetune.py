@@ -82,7 +82,11 @@ DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
 RUN_SHAPING = (
     "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
     "batch_size", "max_seq_len", "seed", "quantize_base", "val_fraction", "tokenizer",
+    "adapter_optimizer",
 )  # fmt: skip
+# The optimizers of the adapter methods (--adapter-optimizer): AdamW, or a LoRA-side rule on
+# the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA).
+ADAPTER_OPTIMIZERS = ("adamw", "loraplus", "lorafa", "allora")
 ADAPTER_LR = 2e-4  # the QLoRA paper's rate for small models
 
 
@@ -104,6 +108,12 @@ class FinetuneConfig:
       steps, batch_size, max_seq_len, seed: the run's length, rows per step, tokens per row
         (longer records are truncated) and seed.
       quantize_base: ``"nf4"`` or ``"int8"``: QLoRA (adapter methods only).
+      adapter_optimizer: what trains the adapters (:data:`ADAPTER_OPTIMIZERS`): ``adamw``;
+        ``loraplus`` (``B`` at 16x the rate, :func:`~lowrank_jax.optimizers.loraplus_adamw`);
+        ``lorafa`` (``A`` frozen, ``B``'s gradient projected; ``method="lora"`` only,
+        :func:`~lowrank_jax.optimizers.lorafa_adamw`); ``allora`` (per-row adaptive rates,
+        :func:`~lowrank_jax.optimizers.allora_adamw`). The LoRA-side rules need adapters with
+        ``A``/``B`` factors (lora, dora, pissa, olora, ...).
       eval_every: evaluate every this many steps (``0``: at the end only).
       eval_generate: greedy replies to this many held-out prompts at each evaluation.
       eval_max_new_tokens: length limit of those replies.
@@ -133,6 +143,7 @@ class FinetuneConfig:
     max_seq_len: int = 512
     seed: int = 0
     quantize_base: str | None = None
+    adapter_optimizer: str = "adamw"
     eval_every: int = 0
     eval_generate: int = 0
     eval_max_new_tokens: int = 32
@@ -179,7 +190,22 @@ class FinetuneConfig:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.quantize_base not in (None, "nf4", "int8"):
             raise ConfigError(f"--quantize-base must be nf4 or int8, got {self.quantize_base!r}")
+        if self.adapter_optimizer not in ADAPTER_OPTIMIZERS:
+            raise ConfigError(
+                f"--adapter-optimizer must be one of {', '.join(ADAPTER_OPTIMIZERS)}, got "
+                f"{self.adapter_optimizer!r}"
+            )
+        if self.adapter_optimizer == "lorafa" and self.method != "lora":
+            raise ConfigError(
+                "--adapter-optimizer lorafa freezes LoRA's A and rescales B's gradient by "
+                f"LoRA's (A, scale): it goes with --method lora, not {self.method!r}"
+            )
         if not self.adapter:
+            if self.adapter_optimizer != "adamw":
+                raise ConfigError(
+                    f"--adapter-optimizer trains adapters; {self.method!r} trains every weight "
+                    "with its own optimizer. Drop the flag or use an adapter method"
+                )
             for flag, value in (("--quantize-base", self.quantize_base), ("--merge", self.merge)):
                 if value:
                     raise ConfigError(
@@ -230,6 +256,20 @@ def _adapter_factory(cfg: FinetuneConfig) -> reparam.Reparam:
         return make(**{first: cfg.rank}, **kwargs)
     except TypeError as err:
         raise ConfigError(f"--opt for {cfg.method}: {err}") from None
+
+
+def _adapter_optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
+    """``cfg.adapter_optimizer`` over the adapter tree (no weight decay, as before)."""
+    from lowrank_jax import optimizers
+
+    if cfg.adapter_optimizer == "loraplus":
+        return optimizers.loraplus_adamw(schedule)
+    if cfg.adapter_optimizer == "lorafa":  # LoRA's scale: alpha / rank (alpha defaults to rank)
+        scale = (cfg.alpha if cfg.alpha is not None else cfg.rank) / cfg.rank
+        return optimizers.lorafa_adamw(schedule, scaling=scale)
+    if cfg.adapter_optimizer == "allora":
+        return optimizers.allora_adamw(schedule)
+    return optax.adamw(schedule, weight_decay=0.0)
 
 
 def _optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
@@ -450,7 +490,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         initial = jax.tree.map(jnp.copy, reparam.adapters_of(model))
         graph, adapters, rngs, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(adapters)
-        tx = optax.adamw(schedule, weight_decay=0.0)
+        tx = _adapter_optimizer(cfg, schedule)
     else:
         graph, params, rngs, frozen = nnx.split(model, nnx.Param, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see

@@ -3,6 +3,7 @@ transformers needed): PEFT export and reload, merged and full checkpoints with t
 trained model, QLoRA, GGUF, and the one-line errors. The PEFT parity test needs the `compare`
 extra (transformers, torch, peft) and skips without it."""
 
+import dataclasses
 import json
 import os
 
@@ -309,3 +310,38 @@ def test_peft_loads_the_exported_adapter(lora_run, checkpoint):
     with torch.no_grad():
         theirs = adapted(torch.as_tensor(np.asarray(tokens))).logits.numpy()
     np.testing.assert_allclose(theirs, np.asarray(forward(result.model, tokens)), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["loraplus", "lorafa", "allora"])
+def test_lora_side_optimizers_train_the_adapters(checkpoint, tmp_path, name):
+    """``--adapter-optimizer``: each LoRA-side rule trains (the loss falls); LoRA-FA leaves
+    every ``A`` as initialised and moves only ``B``."""
+    from lowrank_jax import reparam
+
+    out = str(tmp_path / name)
+    cfg = _lora_config(checkpoint, out, adapter_optimizer=name, steps=8, eval_generate=0,
+                       merge=False, lr=2e-2)  # fmt: skip
+    result = finetune(cfg, **QUIET)
+    losses = [r["loss"] for r in _records(out) if "loss" in r and not r.get("summary")]
+    assert losses[-1] < losses[0], losses
+    trained = reparam.adapters_of(result.model).trainable
+    again = finetune(dataclasses.replace(cfg, out=str(tmp_path / "init"), steps=1, lr=1e-12),
+                     **QUIET)  # fmt: skip
+    initial = reparam.adapters_of(again.model).trainable
+    for path, arrays in trained.items():
+        moved_a = not np.allclose(arrays["A"], initial[path]["A"], atol=1e-9)
+        moved_b = not np.allclose(arrays["B"], initial[path]["B"], atol=1e-9)
+        assert moved_b and moved_a == (name != "lorafa"), (path, moved_a, moved_b)
+
+
+def test_adapter_optimizer_errors(checkpoint, tmp_path, capsys):
+    model, data = checkpoint
+    base = ["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "o"),
+            "--steps", "1"]  # fmt: skip
+    assert "--adapter-optimizer must be one of adamw, loraplus" in _error(
+        [*base, "--adapter-optimizer", "lion"], capsys
+    )
+    err = _error([*base, "--method", "dora", "--adapter-optimizer", "lorafa"], capsys)
+    assert "goes with --method lora" in err
+    err = _error([*base, "--method", "galore", "--adapter-optimizer", "loraplus"], capsys)
+    assert "--adapter-optimizer trains adapters" in err
