@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from lowrank_jax.train import layerwise
+from lowrank_jax.transforms import _guard
 
 __all__ = [
     "TrainState",
@@ -177,8 +178,10 @@ def make_train_step(
     is exactly its own. A step whose loss or gradients are not all finite is skipped
     (``skip_nonfinite``): the parameters and the optimizer state stay as they were, as with
     ``optax.apply_if_finite``, so one bad batch cannot poison Adam's moments; only the step
-    count advances, and ``metrics["skipped"]`` says so. (The update runs inside a
-    ``lax.cond``, so the skip costs no second copy of the parameters or the state.)
+    count advances, and ``metrics["skipped"]`` says so. The skip costs no second copy of the
+    parameters or the state: the update runs inside a ``lax.cond``, or, for projected-gradient
+    methods (GaLore, Fira, APOLLO, ...), their core applies the guard itself, so it costs no
+    temporaries either (:mod:`lowrank_jax.transforms._guard`).
 
     With ``layerwise=True`` (a model with ``scan_layers=True``) each layer's matrices are
     updated by ``tx`` as soon as their gradient exists in the backward pass, so at most one
@@ -256,20 +259,18 @@ def make_train_step(
             factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
 
-        def apply() -> tuple[Any, Any]:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
-
         finite = _finite(loss, grad_norm)
         if skip_nonfinite:
-            # a cond, not a select: a select keeps the old and the new parameters and state
-            # alive together (a second copy of both); the cond updates them in place. Its one
-            # cost: the gradients are the cond's operands, alive until the last leaf is
-            # updated, which matters when the update is not elementwise (GaLore's projected-
-            # back updates: +3.2 GB of temporaries at llama_1b; skip_nonfinite=False frees it)
-            params, opt_state = jax.lax.cond(finite, apply, lambda: (state.params, state.opt_state))
+            # Not a select (it keeps the old and the new parameters and state alive together):
+            # a cond around the whole update, or, for projected-gradient methods, the guard
+            # their core applies itself, so that the projected-back updates reuse the
+            # gradients' buffers (transforms/_guard; the cond costs GaLore +3.2 GB at llama_1b).
+            params, opt_state = _guard.guarded_apply(
+                tx, grads, state.opt_state, state.params, finite
+            )
         else:
-            params, opt_state = apply()
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
         metrics = {
             "loss": loss,

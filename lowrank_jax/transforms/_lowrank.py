@@ -28,7 +28,7 @@ import optax
 from lowrank_jax import projection
 from lowrank_jax.projection import Projector
 from lowrank_jax.targets import MatrixDims, Targets, path_str, resolve, resolve_dims
-from lowrank_jax.transforms import _adaptive
+from lowrank_jax.transforms import _adaptive, _guard
 from lowrank_jax.transforms._common import (
     MaskedNode,
     check_float_leaf,
@@ -314,6 +314,9 @@ class ProjectedCore:
         grads = [p.dims.to_canonical(g) if p else g for p, g in zip(plans, leaves)]
         count, lowrank_state = state.count, state.lowrank_state
         refresh = count % self.update_proj_gap == 0
+        guard = _guard.current()  # the train step's non-finite guard, applied here (_guard)
+        if guard is not None:
+            refresh = refresh & guard.finite
         refresh_key = jax.random.fold_in(wrap_key(state.key), count)
         changes: dict[str, Any] = {}
         if self.basis_fn is not None:
@@ -332,6 +335,11 @@ class ProjectedCore:
                 treedef.flatten_up_to(state.refresh_state),
             )
             changes["refresh_state"] = treedef.unflatten(refresh_states)
+            if guard is not None:
+                projectors = guard.keep(projectors, old)
+                changes["refresh_state"] = guard.keep(
+                    changes["refresh_state"], state.refresh_state
+                )
         elif self.on_refresh == "keep":
             # Only the projectors go through the cond: the moments are not copied.
             projectors = jax.lax.cond(
@@ -360,8 +368,11 @@ class ProjectedCore:
             projection.project(g, q) if p else MaskedNode()
             for p, g, q in zip(plans, grads, projectors)
         ]
-        low_updates, lowrank_state = self.inner.update(
+        low_step = lambda: self.inner.update(
             treedef.unflatten(lowrank_grads), lowrank_state, None, **extra_args
+        )
+        low_updates, lowrank_state = (
+            low_step() if guard is None else _guard.cond(guard, low_step, lowrank_state)
         )
         full_tree = treedef.unflatten([MaskedNode() if p else g for p, g in zip(plans, leaves)])
         full_params = (
@@ -371,8 +382,14 @@ class ProjectedCore:
                 [MaskedNode() if p else x for p, x in zip(plans, treedef.flatten_up_to(params))]
             )
         )
-        full_updates, fullrank_state = self.inner.update(
+        full_step = lambda: self.inner.update(
             full_tree, state.fullrank_state, full_params, **extra_args
+        )
+        # Under the guard, each inner update goes into a cond of its own (in place; a select
+        # would keep both states), and the projected-back updates are computed outside any
+        # cond, so they reuse the gradients' buffers.
+        full_updates, fullrank_state = (
+            full_step() if guard is None else _guard.cond(guard, full_step, state.fullrank_state)
         )
         aux_in = [None] * len(plans) if aux is None else treedef.flatten_up_to(getattr(state, aux))
         out, aux_out = [], []
@@ -395,6 +412,11 @@ class ProjectedCore:
         )
         if aux is not None:
             changes[aux] = treedef.unflatten(aux_out)
+        if guard is not None:
+            changes["count"] = jnp.where(guard.finite, changes["count"], count)
+            if aux is not None:
+                changes[aux] = guard.keep(changes[aux], getattr(state, aux))
+            guard.own(changes)
         return treedef.unflatten(out), state._replace(**changes)
 
     # ------------------------------------------------------------------ internals

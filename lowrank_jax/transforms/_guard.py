@@ -1,0 +1,118 @@
+"""Skipping a non-finite train step inside the projected core instead of around the update.
+
+The train step (:func:`lowrank_jax.train.make_train_step`) skips a step whose loss or gradients
+are not finite. Around an elementwise optimizer (AdamW) a ``lax.cond`` over the whole update
+does it for free: each leaf is updated in place. Around a projected-gradient method it does
+not: the gradients are the cond's operands, so they stay alive until the last leaf is done and
+the full-size projected-back updates cannot take their buffers (+3.2 GB of temporaries for
+GaLore at ``llama_1b``, float32).
+
+So the step first traces the update inside :func:`nonfinite_guard`. A
+:class:`~lowrank_jax.transforms._lowrank.ProjectedCore` that finds the guard open applies it
+itself, where it is cheap:
+
+- the low-rank state (small) is kept by a select, and the update is computed unconditionally,
+  so the projected-back updates reuse the gradients' buffers as without a guard;
+- the untargeted leaves (embeddings, head, norms: elementwise updates) go through a
+  ``lax.cond``, as the whole AdamW step does;
+- the projector refresh and the step count do not advance on a skipped step.
+
+It records the state leaves it has guarded (:meth:`Guard.own`); the step selects the other
+state leaves (the small states of the rest of the chain: schedule counts, hyperparameters)
+and zeroes the updates, so a skipped step leaves the parameters and the whole state exactly as
+they were. When no core claims the guard (any other optax transformation), the step discards
+that trace and falls back to the ``lax.cond`` around the update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class Guard:
+    """The open guard of one train step: the ``finite`` flag and the state leaves owned."""
+
+    def __init__(self, finite: jax.Array):
+        self.finite = finite
+        self.used = False
+        self._owned: dict[int, Any] = {}  # id -> leaf (held, so the ids stay unique)
+
+    def own(self, tree: Any) -> Any:
+        """Marks every leaf of ``tree`` as already guarded; returns ``tree``."""
+        self.used = True
+        self._owned.update((id(x), x) for x in jax.tree.leaves(tree))
+        return tree
+
+    def owns(self, leaf: Any) -> bool:
+        return self._owned.get(id(leaf)) is leaf
+
+    def keep(self, new: Any, old: Any) -> Any:
+        """``new`` where the step is finite, else ``old`` (leafwise select)."""
+        return jax.tree.map(lambda n, o: jnp.where(self.finite, n, o), new, old)
+
+
+_GUARD: contextvars.ContextVar[Guard | None] = contextvars.ContextVar(
+    "nonfinite_guard", default=None
+)
+
+
+@contextlib.contextmanager
+def nonfinite_guard(finite: jax.Array) -> Iterator[Guard]:
+    """Within the block, projected-gradient cores skip their update when ``finite`` is False."""
+    guard = Guard(finite)
+    token = _GUARD.set(guard)
+    try:
+        yield guard
+    finally:
+        _GUARD.reset(token)
+
+
+def current() -> Guard | None:
+    """The guard open in this context, if any."""
+    return _GUARD.get()
+
+
+def cond(guard: Guard, step: Callable[[], tuple[Any, Any]], old_state: Any) -> tuple[Any, Any]:
+    """``step()`` (``(updates, new_state)``) when the step is finite, else zero updates and
+    ``old_state``, through a ``lax.cond`` (the state is updated in place)."""
+    shapes = jax.eval_shape(step)[0]
+    skip = lambda: (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), old_state)
+    return jax.lax.cond(guard.finite, step, skip)
+
+
+def guarded_apply(
+    tx: Any, grads: Any, opt_state: Any, params: Any, finite: jax.Array
+) -> tuple[Any, Any]:
+    """``(params, opt_state)`` after ``tx``'s update, or both as they were when ``finite`` is
+    False: through the projected cores' own guard when ``tx`` has one, else through a
+    ``lax.cond`` around the whole update."""
+    with nonfinite_guard(finite) as guard:
+        updates, new_state = tx.update(grads, opt_state, params)
+    if guard.used:
+        return _finish(guard, params, updates, new_state, opt_state)
+
+    def apply() -> tuple[Any, Any]:
+        updates, new_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state
+
+    return jax.lax.cond(finite, apply, lambda: (params, opt_state))
+
+
+def _finish(guard: Guard, params: Any, updates: Any, new_state: Any, old_state: Any):
+    """``(params, state)`` after a guarded update: the updates zeroed and the state leaves the
+    cores did not own selected back when the step is not finite."""
+    zero = lambda u: jnp.where(guard.finite, u, jnp.zeros_like(u))
+    params = optax.apply_updates(params, jax.tree.map(zero, updates))
+    state = jax.tree.map(
+        lambda n, o: n if n is o or guard.owns(n) else jnp.where(guard.finite, n, o),
+        new_state,
+        old_state,
+    )
+    return params, state
