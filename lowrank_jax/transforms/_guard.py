@@ -87,6 +87,26 @@ def cond(guard: Guard, step: Callable[[], tuple[Any, Any]], old_state: Any) -> t
     return jax.lax.cond(guard.finite, step, skip)
 
 
+# Where an elementwise update is guarded by a select rather than a cond (see elementwise).
+SELECT_PLATFORMS = ("tpu",)
+
+
+def elementwise(
+    guard: Guard, step: Callable[[], tuple[Any, Any]], old_state: Any
+) -> tuple[Any, Any]:
+    """:func:`cond` for an elementwise update (Adam on the untargeted leaves), except on a TPU,
+    where a select keeps it in place better: ``llama_60m``, bf16, one v5e chip, GaLore's peak
+    is 411.8 MB with the select against 459.6 MB with the cond (XLA:CPU at ``llama_1b``,
+    float32: 7.56 GB of temporaries with the select, 7.34 with the cond)."""
+
+    def select() -> tuple[Any, Any]:
+        updates, new_state = step()
+        return updates, guard.keep(new_state, old_state)
+
+    by_select = {platform: select for platform in SELECT_PLATFORMS}
+    return jax.lax.platform_dependent(default=lambda: cond(guard, step, old_state), **by_select)
+
+
 def guarded_apply(
     tx: Any, grads: Any, opt_state: Any, params: Any, finite: jax.Array
 ) -> tuple[Any, Any]:

@@ -385,11 +385,14 @@ class ProjectedCore:
         full_step = lambda: self.inner.update(
             full_tree, state.fullrank_state, full_params, **extra_args
         )
-        # Under the guard, each inner update goes into a cond of its own (in place; a select
-        # would keep both states), and the projected-back updates are computed outside any
-        # cond, so they reuse the gradients' buffers.
+        # Under the guard each inner update is guarded on its own (the low-rank one in a cond;
+        # the full-shape one as the platform keeps it in place, _guard.elementwise), and the
+        # projected-back updates are computed outside any cond, so they reuse the gradients'
+        # buffers.
         full_updates, fullrank_state = (
-            full_step() if guard is None else _guard.cond(guard, full_step, state.fullrank_state)
+            full_step()
+            if guard is None
+            else _guard.elementwise(guard, full_step, state.fullrank_state)
         )
         aux_in = [None] * len(plans) if aux is None else treedef.flatten_up_to(getattr(state, aux))
         out, aux_out = [], []

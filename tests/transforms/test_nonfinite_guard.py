@@ -81,6 +81,14 @@ def test_guarded_steps_equal_unguarded_ones_and_skips_change_nothing(name):
                                        rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["galore", "galore_adamw_8bit", "fira"])
+def test_the_tpus_select_guard_equals_the_cond(name, monkeypatch):
+    """On a TPU the untargeted leaves are guarded by a select (kept in place better there):
+    the same steps and skips through that branch, taken here on the CPU."""
+    monkeypatch.setattr(_guard, "SELECT_PLATFORMS", ("cpu",))
+    test_guarded_steps_equal_unguarded_ones_and_skips_change_nothing(name)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_projected_methods_claim_the_guard(name):
     tx = _build(name)
