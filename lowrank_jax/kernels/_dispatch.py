@@ -49,6 +49,7 @@ __all__ = [
     "MODES",
     "TARGETS",
     "accelerator_target",
+    "compile_for",
     "current_mode",
     "kernel_mode",
 ]
@@ -62,6 +63,10 @@ MIN_PALLAS_SIZE = 1 << 16
 LANES = 128
 
 _MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_mode", default=None)
+# (target, devices) set by compile_for: dispatch as on a device this host does not have.
+_COMPILE_FOR: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "compile_for", default=None
+)
 
 
 def _check_mode(mode: Any, where: str) -> str:
@@ -100,6 +105,24 @@ def kernel_mode(mode: str) -> Iterator[None]:
         yield
     finally:
         _MODE.reset(token)
+
+
+@contextlib.contextmanager
+def compile_for(target: str, devices: int = 1) -> Iterator[None]:
+    """Context in which kernels are dispatched as on ``target`` (``"tpu"`` or ``"triton"``)
+    with ``devices`` devices, for a step lowered here and compiled for such a device
+    (:func:`lowrank_jax.train.memory_plan.plan_memory`'s TPU targets compile on a CPU host).
+
+    ``"auto"`` then picks what it would pick there, without the probe (it would have to run
+    the kernel): so a compile-only memory figure is that of the program the device runs.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"compile_for: target must be one of {TARGETS}, got {target!r}.")
+    token = _COMPILE_FOR.set((target, devices))
+    try:
+        yield
+    finally:
+        _COMPILE_FOR.reset(token)
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -158,7 +181,8 @@ def choose(
     mode = _check_mode(current_mode() if mode is None else mode, kernel)
     if mode == "reference":
         return None
-    target = accelerator_target()
+    emulated = _COMPILE_FOR.get()
+    target = emulated[0] if emulated else accelerator_target()
     if mode in ("pallas", "interpret") and supported is not None:
         raise ValueError(f"{kernel}: the Pallas kernel cannot run here: {supported}.")
     if mode == "interpret":
@@ -177,8 +201,8 @@ def choose(
         or supported is not None
         or size < MIN_PALLAS_SIZE
         or not free_layout(target)
-        or not _single_device()
-        or not probe(target)
+        or not (emulated[1] == 1 if emulated else _single_device())
+        or not (emulated or probe(target))
     ):
         return None
     return target, False

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lowrank_jax import memory, sharding
+from lowrank_jax.kernels import _dispatch
 from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train.registry import OptimizerArgs, get_optimizer
 from lowrank_jax.train.step import TrainState, make_train_step
@@ -264,7 +265,17 @@ def plan_memory(
     )
     began = time.perf_counter()
     try:
-        with jax.set_mesh(device_mesh) if device_mesh is not None else contextlib.nullcontext():
+        # on a TPU target the kernels are dispatched as on that TPU (Pallas where "auto" would
+        # pick it there), so the figure is that of the program the chip would run
+        kernels_as = (
+            _dispatch.compile_for("tpu", n_devices)
+            if TARGETS[target][0] is not None
+            else contextlib.nullcontext()
+        )
+        with (
+            jax.set_mesh(device_mesh) if device_mesh is not None else contextlib.nullcontext(),
+            kernels_as,
+        ):
             compiled = memory.compiled_memory(step, state, batch)
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):

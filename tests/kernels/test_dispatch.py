@@ -222,3 +222,21 @@ def test_auto_keeps_xlas_adam_on_a_gpu_where_it_measured_faster(device, monkeypa
 
     jax.make_jaxpr(everything)()
     assert calls == [("adam_8bit", "triton"), ("adam", "triton")]
+
+
+def test_compile_for_dispatches_as_on_the_named_device_without_probing():
+    """plan_memory's TPU targets compile on this CPU host: inside compile_for("tpu") "auto"
+    picks what it would pick on one TPU chip; the probe (which would run the kernel) is not
+    called, and several devices keep the reference, as on a real multi-chip host."""
+    never = lambda target: pytest.fail("the probe ran")
+    assert choose(never) is None  # on the CPU
+    with _dispatch.compile_for("tpu"):
+        assert choose(never) == ("tpu", False)
+        assert choose(never, size=BIG - 1) is None
+        assert choose(never, mode="reference") is None
+    with _dispatch.compile_for("tpu", devices=4):
+        assert choose(never) is None
+    assert choose(never) is None  # closed
+    with pytest.raises(ValueError, match="target must be one of"):
+        with _dispatch.compile_for("cuda"):
+            pass
