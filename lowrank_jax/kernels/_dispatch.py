@@ -125,6 +125,12 @@ def compile_for(target: str, devices: int = 1) -> Iterator[None]:
         _COMPILE_FOR.reset(token)
 
 
+def lowering_target() -> str | None:
+    """:func:`accelerator_target`, or the target of the :func:`compile_for` block in force."""
+    emulated = _COMPILE_FOR.get()
+    return emulated[0] if emulated else accelerator_target()
+
+
 def _cuda_capability() -> tuple[int, int] | None:
     """``(major, minor)`` of the first device when it is a CUDA GPU, else ``None``."""
     capability = getattr(jax.devices()[0], "compute_capability", None)

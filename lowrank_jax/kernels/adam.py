@@ -204,8 +204,10 @@ def adam_hf_update(
         ),
         size=g.size,
         probe=lambda target: _probe(target, g.dtype, m.dtype, v.dtype, b1, b2, eps),
-        # on an H200 XLA's fusion of the reference was faster (benchmarks/gpu.py, kernels)
-        auto_targets=("tpu",),
+        # "auto" keeps XLA's fusion of the reference everywhere: on an H200 it was faster
+        # (benchmarks/gpu.py, kernels), and compiled for one v5e chip the kernel costs more
+        # memory (APOLLO, llama_60m: a 516 MB peak with it against 371 MB without)
+        auto_targets=(),
     )
     if plan is None:
         return adam_hf_update_reference(g, m, v, b1=b1, b2=b2, eps=eps, factor=factor)

@@ -176,6 +176,7 @@ def apollo(
         projector_dtype=projector_dtype,
         seed=seed,
         basis_fn=None if proj == "svd" else regenerate,
+        elementwise_update=True,
     )
 
     def init_fn(params: Any) -> ApolloState:

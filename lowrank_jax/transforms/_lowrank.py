@@ -159,6 +159,7 @@ class ProjectedCore:
         seed: int,
         adaptive_refresh: _adaptive.AdaptiveRefresh | None = None,
         basis_fn: Callable[[LeafPlan, Callable], Projector] | None = None,
+        elementwise_update: bool = False,
     ):
         hint = " Under optax.inject_hyperparams pass static_args=('rank',)."
         self.rank = _check_int("rank", rank, method, hint)
@@ -197,6 +198,7 @@ class ProjectedCore:
             raise ValueError(f"{method}: on_refresh='reproject' needs stored projectors.")
         self.adaptive_refresh = adaptive_refresh
         self.basis_fn = basis_fn
+        self.elementwise_update = elementwise_update
 
     # ------------------------------------------------------------------ planning
     def plan(self, tree: Any, warn: bool = False) -> tuple[Any, list, list]:
@@ -416,6 +418,7 @@ class ProjectedCore:
         if aux is not None:
             changes[aux] = treedef.unflatten(aux_out)
         if guard is not None:
+            guard.whole_cond_on_tpu |= self.elementwise_update
             changes["count"] = jnp.where(guard.finite, changes["count"], count)
             if aux is not None:
                 changes[aux] = guard.keep(changes[aux], getattr(state, aux))

@@ -130,7 +130,9 @@ def test_kernel_mode_context_and_environment(monkeypatch, device):
 
 
 def test_public_functions_route_to_the_kernel_on_a_tpu(device, monkeypatch):
-    """On a (pretend) TPU the dispatchers call the ``*_pallas`` functions with target tpu."""
+    """On a (pretend) TPU the dispatchers call the ``*_pallas`` functions with target tpu,
+    except HF-Adam's: compiled for a v5e chip its kernel needed more memory than XLA's fusion,
+    so "auto" keeps the reference there (``mode="pallas"`` still runs it)."""
     device("tpu")
     monkeypatch.setattr(_dispatch, "probe_once", lambda name, check: True)
     calls = []
@@ -155,11 +157,11 @@ def test_public_functions_route_to_the_kernel_on_a_tpu(device, monkeypatch):
         K.adam_hf_update(x[:2], x[:2], x[:2], b1=0.9, b2=0.999, eps=1e-6, factor=1.0)
 
     jax.make_jaxpr(everything)()
-    assert calls == [
-        ("adam", "tpu", False),
-        ("quantize", "tpu", False),
-        ("adam_8bit", "tpu", False),
-    ]
+    assert calls == [("quantize", "tpu", False), ("adam_8bit", "tpu", False)]
+    jax.make_jaxpr(
+        lambda: K.adam_hf_update(x, x, x, b1=0.9, b2=0.999, eps=1e-6, factor=1.0, mode="pallas")
+    )()
+    assert calls[-1] == ("adam", "tpu", False)
 
 
 def test_probe_runs_once_eagerly_inside_a_trace_and_a_failure_warns(monkeypatch):

@@ -108,3 +108,26 @@ def test_a_nonfinite_step_of_a_stacked_projected_leaf_keeps_its_projector():
     bad = jax.tree.map(lambda g: g * jnp.nan, _grads(0))
     _, after = jax.jit(lambda s: _guard.guarded_apply(tx, bad, s, params, jnp.bool_(False)))(state)
     _same(after, state)
+
+
+@pytest.mark.parametrize("name", ["apollo", "apollo_mini"])
+def test_apollo_keeps_the_whole_update_cond_when_lowered_for_a_tpu(name, monkeypatch):
+    """APOLLO's full-size update is elementwise: for a TPU the step keeps its cond around the
+    whole update (the TPU compiler keeps that in place better); same steps and skips."""
+    from lowrank_jax.kernels import _dispatch
+
+    finished = []
+    finish = _guard._finish
+    monkeypatch.setattr(_guard, "_finish", lambda *a: finished.append(1) or finish(*a))
+    tx = _build(name)
+    params = jax.tree.map(jnp.asarray, PARAMS)
+    trace = lambda: jax.make_jaxpr(
+        lambda s: _guard.guarded_apply(tx, _grads(0), s, params, jnp.bool_(True))
+    )(tx.init(params))
+    trace()
+    assert finished  # the core's own guard on the CPU
+    finished.clear()
+    with _dispatch.compile_for("tpu"):
+        trace()
+        assert not finished  # the whole-update cond for a TPU
+        test_guarded_steps_equal_unguarded_ones_and_skips_change_nothing(name)
