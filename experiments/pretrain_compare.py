@@ -265,9 +265,18 @@ def save_figure(rows: dict, path: pathlib.Path, title: str) -> None:
     cycle = cycler(linestyle=["-", "--"]) * cycler(color=colormaps["tab10"].colors)
     with rc_context({"axes.prop_cycle": cycle, "legend.fontsize": "x-small"}):
         figure = draw_figure(data)
+        figure.set_size_inches(14, 10)
+        for bars in figure.axes[2:]:  # up to 20 names under the bars
+            bars.tick_params(axis="x", labelrotation=60)
         figure.suptitle(title)
         figure.tight_layout()
         figure.savefig(path, format="png", dpi=100)
+
+
+def figure_title(result: dict) -> str:
+    size, seeds = result["size"], len(result["seeds"])
+    return (f"{size['model']}, {size['steps']} steps, {size['batch_size']}x{size['seq_len']} "
+            f"tokens/step, mean of {seeds} seed{'s' * (seeds > 1)}")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -285,6 +294,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "them; default: a temporary directory)")  # fmt: skip
     parser.add_argument("--out", help="the JSON file; the PNG goes next to it "
                         "(default: experiments/results/pretrain_compare*.json)")  # fmt: skip
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG from the JSON file that --out names")  # fmt: skip
     for key, value in SIZES["default"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value),
                             help=f"override the size's {key} [{value}]")  # fmt: skip
@@ -311,6 +322,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     stem = "pretrain_compare" + "_quick" * args.quick + "_lr_grid" * (lr_grid != [1.0])
     stem += f"_{args.ablate}" if args.ablate else ""
     out = pathlib.Path(args.out or RESULTS / f"{stem}.json")
+    if args.replot:
+        result = json.loads(out.read_text())
+        save_figure(result["methods"], out.with_suffix(".png"), figure_title(result))
+        print(f"wrote {out.with_suffix('.png')}")
+        return result
     print(f"{len(todo)} variants x {seeds} seeds on {size['model']}, {size['steps']} steps")
 
     runs: dict[str, list[dict]] = {v.name: [] for v in todo}
@@ -322,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 record = run_one(v, size, seed, run_dir)
                 runs[v.name].append(record)
                 status = record["error"] or f"val loss {record['val_loss']:.4f}"
-                print(f"seed {seed} {v.name:24} {status} ({record['seconds']:.0f} s)")
+                print(f"seed {seed} {v.name:24} {status} ({record['seconds']:.0f} s)", flush=True)
     reference = aggregate(todo[0], runs[REFERENCE], None)
     rows = {
         v.name: reference if v.name == REFERENCE else aggregate(v, runs[v.name], reference)
@@ -347,9 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(result["table"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    title = (f"{size['model']}, {size['steps']} steps, {size['batch_size']}x{size['seq_len']} "
-             f"tokens/step, mean of {seeds} seed{'s' * (seeds > 1)}")  # fmt: skip
-    save_figure(rows, out.with_suffix(".png"), title)
+    save_figure(rows, out.with_suffix(".png"), figure_title(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return result
 

@@ -30,8 +30,9 @@ def test_pretrain_compare_quick(tmp_path):
         assert steps == list(range(1, size["steps"] + 1))
         assert sum(train[-5:]) < sum(train[:5]), name
         assert abs(row["val_ppl"] - 2.718281828 ** row["val_loss_mean"]) < 1e-6 * row["val_ppl"]
-        assert row["tokens_per_s"] > 0 and row["adamw_state_bytes"] == rows["adamw"][
-            "opt_state_bytes"]  # fmt: skip
+        assert row["tokens_per_s"] > 0
+        # AdamW's state on the same model (the run's AdamW also counts its schedule's step)
+        assert 0 <= rows["adamw"]["opt_state_bytes"] - row["adamw_state_bytes"] < 64
 
     adamw, galore = rows["adamw"], rows["galore"]
     assert adamw["lr"] == 1e-3 and galore["lr"] == 1e-2  # the registered defaults
