@@ -19,11 +19,13 @@ smoothed over :data:`SMOOTH` steps; state-memory and throughput bars), drawn by
 ``lowrank-jax plot``'s :func:`~lowrank_jax.train.plot.draw_figure`.
 
     python experiments/pretrain_compare.py                    # the README table, 2 seeds
+                                                              # (28 runs, ~25 min on 2 CPU cores)
     python experiments/pretrain_compare.py --seeds 3          # seeds 0, 1, 2
     python experiments/pretrain_compare.py --lr-grid 0.5,1,2  # 0.5x, 1x, 2x each default lr
     python experiments/pretrain_compare.py --ablate rank      # GaLore, rank hidden/32 .. /2
     python experiments/pretrain_compare.py --ablate gap       # GaLore, refresh gap 10 .. 200
     python experiments/pretrain_compare.py --quick            # the test's smoke size
+    python experiments/pretrain_compare.py --replot           # redraw the PNG from the JSON
 
 ``--lr-grid`` and ``--ablate`` write ``pretrain_compare_lr_grid.json`` /
 ``pretrain_compare_<rank|gap>.json`` (and their figures); ``--ablate`` varies the low-rank
