@@ -1,0 +1,374 @@
+"""Pre-training comparison: the registered optimizers on the embedded corpus, several seeds.
+
+Every method of :data:`METHODS` pre-trains the same LLaMA from scratch on the embedded King
+James Bible through the trainer's own Python API (:func:`lowrank_jax.train.train`, what
+``lowrank-jax train`` runs: byte tokenizer, warmup + cosine to 10%, gradient clipping 1.0, no
+weight decay, the non-finite-step guard), each at its registered default peak learning rate
+(``lowrank-jax optimizers``) and the trainer's defaults otherwise (rank ``hidden / 4``,
+refresh gap 50). Seed ``s`` sets the model init, the batch order and the optimizer's
+randomness, the same for every method. The seeds are the outer loop, so every method's
+throughput is measured next to AdamW's in the same process, under the same load.
+
+Reports per method: the final validation loss, mean ± sample standard deviation over the
+seeds; the perplexity ``exp`` of that mean; the optimizer state (``lowrank_jax.memory``, exact
+bytes) and its ratio to AdamW's on the same model; the training throughput (compilation and
+evaluation excluded, mean over the seeds) and its ratio to AdamW's. Writes
+``experiments/results/pretrain_compare.json`` and a figure next to it (the validation and the
+training loss against the step, one line per method, mean over the seeds, the training loss
+smoothed over :data:`SMOOTH` steps; state-memory and throughput bars), drawn by
+``lowrank-jax plot``'s :func:`~lowrank_jax.train.plot.draw_figure`.
+
+    python experiments/pretrain_compare.py                    # the README table, 2 seeds
+                                                              # (28 runs, ~25 min on 2 CPU cores)
+    python experiments/pretrain_compare.py --seeds 3          # seeds 0, 1, 2
+    python experiments/pretrain_compare.py --lr-grid 0.5,1,2  # 0.5x, 1x, 2x each default lr
+    python experiments/pretrain_compare.py --ablate rank      # GaLore, rank hidden/32 .. /2
+    python experiments/pretrain_compare.py --ablate gap       # GaLore, refresh gap 10 .. 200
+    python experiments/pretrain_compare.py --quick            # the test's smoke size
+    python experiments/pretrain_compare.py --replot           # redraw the PNG from the JSON
+
+``--lr-grid`` and ``--ablate`` write ``pretrain_compare_lr_grid.json`` /
+``pretrain_compare_<rank|gap>.json`` (and their figures); ``--ablate`` varies the low-rank
+methods named by ``--methods`` (default: GaLore). AdamW at its default rate is always run: it is
+the reference of the ratios. Not run (:data:`NOT_RUN`): OwLore, which needs per-layer sampling
+probabilities from a trained model's outliers (``--opt probs=...``), and SST, which is not a
+trainer optimizer (it trains the weights in spectral form, another parameter tree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from lowrank_jax import memory
+from lowrank_jax.models import get_config
+from lowrank_jax.train import RunConfig, TrainError, get_optimizer, train
+from lowrank_jax.train.plot import draw_figure, read_run
+
+RESULTS = pathlib.Path(__file__).with_name("results")
+REFERENCE = "adamw"
+METHODS = (
+    "adamw", "adamw_8bit", "galore", "galore2", "galore_adamw_8bit", "q_galore", "fira",
+    "golore", "gradnorm_lorp", "apollo", "apollo_mini", "flora", "lisa", "badam",
+)  # fmt: skip
+QUICK_METHODS = ("adamw", "galore")
+NOT_RUN = {
+    "owlore": "needs --opt probs=[...]: per-layer sampling probabilities from the outlier "
+    "scores of a trained model (OWL), which a model pre-trained from scratch does not have",
+    "sst": "not a registered optimizer: SST trains the weights in spectral form "
+    "(sst_init turns each matrix into U, s, V), another parameter tree than the trainer's model",
+}
+SIZES = {
+    "default": dict(model="llama_tiny", steps=300, batch_size=8, seq_len=128, eval_every=25,
+                    eval_batches=8),
+    "quick": dict(model="llama_tiny", steps=30, batch_size=4, seq_len=32, eval_every=10,
+                  eval_batches=2),
+}  # fmt: skip
+# --ablate: GaLore's rank as hidden_size // d, and its refresh gap in steps.
+RANK_DIVISORS = (32, 16, 8, 4, 2)
+GAPS = (10, 25, 50, 100, 200)
+SMOOTH = 10  # steps of the training-loss moving average in the figure
+TRAINER_DEFAULTS = ("update_proj_gap", "galore_scale", "grad_clip", "weight_decay",
+                    "min_lr_ratio", "val_fraction")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One line of the comparison: a registered optimizer and what differs from its defaults."""
+
+    name: str
+    optimizer: str
+    lr_multiplier: float = 1.0
+    rank: int | None = None  # None: the trainer's hidden_size // 4
+    update_proj_gap: int | None = None  # None: the trainer's default
+
+
+def variants(
+    methods: Sequence[str], lr_grid: Sequence[float], ablate: str | None, hidden_size: int
+) -> list[Variant]:
+    """The variants to run, AdamW at its default rate first (the reference of the ratios).
+
+    Example:
+      >>> [v.name for v in variants(["galore"], [1.0, 2.0], None, 128)]
+      ['adamw', 'galore', 'galore lr x2']
+      >>> [v.name for v in variants(["galore"], [1.0], "rank", 128)][:3]
+      ['adamw', 'galore rank 4', 'galore rank 8']
+    """
+    out = [Variant(REFERENCE, REFERENCE)]
+    for method in methods:
+        if ablate is not None:
+            if not get_optimizer(method).low_rank:
+                continue
+            if ablate == "rank":
+                out += [Variant(f"{method} rank {hidden_size // d}", method,
+                                rank=hidden_size // d) for d in RANK_DIVISORS]  # fmt: skip
+            else:
+                out += [Variant(f"{method} gap {g}", method, update_proj_gap=g) for g in GAPS]
+            continue
+        for m in lr_grid:
+            name = method if m == 1 else f"{method} lr x{m:g}"
+            if name != REFERENCE:
+                out.append(Variant(name, method, lr_multiplier=m))
+    return out
+
+
+def run_config(variant: Variant, size: dict, seed: int, out: str) -> RunConfig:
+    """The trainer's settings for one run of ``variant``."""
+    entry = get_optimizer(variant.optimizer)
+    overrides = {}
+    if variant.lr_multiplier != 1:
+        overrides["lr"] = entry.default_lr * variant.lr_multiplier
+    if variant.rank is not None:
+        overrides["rank"] = variant.rank
+    if variant.update_proj_gap is not None:
+        overrides["update_proj_gap"] = variant.update_proj_gap
+    return RunConfig(
+        **{k: size[k] for k in ("model", "steps", "batch_size", "seq_len", "eval_every",
+                                "eval_batches")},
+        optimizer=variant.optimizer, seed=seed, out=out, checkpoint_every=size["steps"],
+        keep_checkpoints=1, progress=False, **overrides,
+    )  # fmt: skip
+
+
+def run_one(variant: Variant, size: dict, seed: int, out: str) -> dict:
+    """Trains one seed of ``variant`` into ``out``; returns its record (a run stopped by the
+    trainer, e.g. too many non-finite steps in a row, keeps its curves and its error)."""
+    cfg = run_config(variant, size, seed, out)
+    warnings: list[str] = []
+    began = time.perf_counter()
+    summary, error = {}, None
+    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's per-evaluation lines
+        try:
+            summary = train(cfg, log=lambda line: None, warn=warnings.append)
+        except TrainError as err:  # stopped mid-run; one that never started is not caught
+            if not (pathlib.Path(out) / "metrics.jsonl").is_file():
+                raise
+            error = str(err)
+    curves = read_run(out)
+    return {
+        "seed": seed,
+        "lr": cfg.lr or get_optimizer(variant.optimizer).default_lr,
+        "val_loss": summary.get("val_loss"),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "opt_state_bytes": summary.get("opt_state_bytes"),
+        "adamw_state_bytes": summary.get("adamw_state_bytes"),
+        "param_count": summary.get("param_count"),
+        "skipped_steps": summary.get("skipped_steps", len(warnings)),
+        "error": error,
+        "seconds": time.perf_counter() - began,
+        "val_curve": [curves.val_steps, curves.val_loss],
+        "train_curve": [curves.train_steps, curves.train_loss],
+    }
+
+
+def mean_curve(curves: Sequence[Sequence[list]]) -> tuple[list[int], list[float]]:
+    """The pointwise mean over seeds of ``[steps, values]`` curves (a step that some seed
+    lacks, e.g. a skipped step, is averaged over the seeds that have it)."""
+    points: dict[int, list[float]] = {}
+    for steps, values in curves:
+        for step, value in zip(steps, values):
+            points.setdefault(step, []).append(value)
+    steps = sorted(points)
+    return steps, [float(np.mean(points[s])) for s in steps]
+
+
+def aggregate(variant: Variant, runs: list[dict], reference: dict | None) -> dict:
+    """The row of ``variant`` over its seeds; the ratios are to ``reference`` (AdamW's row)."""
+    finished = [r for r in runs if r["error"] is None]
+    losses = [r["val_loss"] for r in finished]
+    rates = [r["tokens_per_s"] for r in finished if r["tokens_per_s"]]
+    state = finished[0]["opt_state_bytes"] if finished else None
+    mean = float(np.mean(losses)) if losses else None
+    tokens_per_s = float(np.mean(rates)) if rates else None
+    row = {
+        **dataclasses.asdict(variant),
+        "lr": runs[0]["lr"],
+        "seeds": [r["seed"] for r in runs],
+        "finished": len(finished),
+        "val_loss_mean": mean,
+        "val_loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+        "val_ppl": math.exp(mean) if mean is not None else None,
+        "opt_state_bytes": state,
+        "adamw_state_bytes": finished[0]["adamw_state_bytes"] if finished else None,
+        "tokens_per_s": tokens_per_s,
+        "skipped_steps": sum(r["skipped_steps"] for r in runs),
+        "val_curve": mean_curve([r["val_curve"] for r in runs]),
+        "train_curve": mean_curve([r["train_curve"] for r in runs]),
+        "runs": [{k: x for k, x in r.items() if k != "train_curve"} for r in runs],
+    }
+    ref = reference or row
+    ratio = lambda a, b: a / b if a is not None and b else None
+    row["state_ratio"] = ratio(state, ref["opt_state_bytes"])
+    row["throughput_ratio"] = ratio(tokens_per_s, ref["tokens_per_s"])
+    return row
+
+
+def table(rows: dict) -> str:
+    """The markdown table of the rows."""
+    lines = [
+        "| method | lr | val loss (mean ± std) | val ppl | optimizer state | vs AdamW "
+        "| tokens/s | vs AdamW |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda x, spec, unit="": "–" if x is None else f"{x:{spec}}{unit}"
+    for name, r in rows.items():
+        loss = "diverged" if r["val_loss_mean"] is None else (
+            f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}")  # fmt: skip
+        if r["finished"] < len(r["seeds"]):
+            loss += f" ({len(r['seeds']) - r['finished']} of {len(r['seeds'])} seeds stopped)"
+        state = "–" if r["opt_state_bytes"] is None else memory.human(r["opt_state_bytes"])
+        lines.append(
+            f"| {name} | {r['lr']:g} | {loss} | {fmt(r['val_ppl'], '.2f')} | {state} "
+            f"| {fmt(r['state_ratio'], '.2f', '×')} | {fmt(r['tokens_per_s'], ',.0f')} "
+            f"| {fmt(r['throughput_ratio'], '.2f', '×')} |"
+        )
+    return "\n".join(lines)
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (shorter at the start)."""
+    cumulative = np.cumsum([0.0, *values])
+    return [
+        float((cumulative[i + 1] - cumulative[max(0, i + 1 - window)]) / min(window, i + 1))
+        for i in range(len(values))
+    ]
+
+
+def save_figure(rows: dict, path: pathlib.Path, title: str) -> None:
+    """The curves (mean over seeds) and bars of the rows, drawn by ``lowrank-jax plot``."""
+    from cycler import cycler
+    from matplotlib import colormaps, rc_context
+
+    data = {
+        "train_loss": {n: (r["train_curve"][0], smooth(r["train_curve"][1], SMOOTH))
+                       for n, r in rows.items()},
+        "val_loss": {n: tuple(r["val_curve"]) for n, r in rows.items()},
+    }  # fmt: skip
+    for panel, key, scale in (
+        ("opt_state_mb", "opt_state_bytes", 1e-6),
+        ("adamw_state_mb", "adamw_state_bytes", 1e-6),
+        ("tokens_per_s", "tokens_per_s", 1.0),
+    ):
+        data[panel] = {n: r[key] * scale for n, r in rows.items() if r[key] is not None}
+    # lowrank-jax plot's 10 colours, then again dashed: 20 methods tell apart
+    cycle = cycler(linestyle=["-", "--"]) * cycler(color=colormaps["tab10"].colors)
+    with rc_context({"axes.prop_cycle": cycle, "legend.fontsize": "x-small"}):
+        figure = draw_figure(data)
+        figure.set_size_inches(14, 10)
+        for bars in figure.axes[2:]:  # up to 20 names under the bars
+            bars.tick_params(axis="x", labelrotation=60)
+        figure.suptitle(title)
+        figure.tight_layout()
+        figure.savefig(path, format="png", dpi=100)
+
+
+def figure_title(result: dict) -> str:
+    size, seeds = result["size"], len(result["seeds"])
+    return (f"{size['model']}, {size['steps']} steps, {size['batch_size']}x{size['seq_len']} "
+            f"tokens/step, mean of {seeds} seed{'s' * (seeds > 1)}")  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke size: {', '.join(QUICK_METHODS)}, 1 seed")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", help="registered optimizer names "
+                        "(default: METHODS; with --ablate: galore)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1 (default 2; --quick 1)")
+    parser.add_argument("--lr-grid", default="1", metavar="M,M,...",
+                        help="multipliers of each method's default lr: 0.5,1,2 [1]")  # fmt: skip
+    parser.add_argument("--ablate", choices=("rank", "gap"),
+                        help="GaLore's rank or refresh gap instead of the comparison")  # fmt: skip
+    parser.add_argument("--runs", help="keep the run directories here (lowrank-jax plot reads "
+                        "them; default: a temporary directory)")  # fmt: skip
+    parser.add_argument("--out", help="the JSON file; the PNG goes next to it "
+                        "(default: experiments/results/pretrain_compare*.json)")  # fmt: skip
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG from the JSON file that --out names")  # fmt: skip
+    for key, value in SIZES["default"].items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value),
+                            help=f"override the size's {key} [{value}]")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the comparison; returns what it writes to the JSON file."""
+    args = parse_args(argv)
+    label = "quick" if args.quick else "default"
+    size = {k: getattr(args, k) or v for k, v in SIZES[label].items()}
+    seeds = args.seeds or (1 if args.quick else 2)
+    lr_grid = [float(m) for m in args.lr_grid.split(",")]
+    methods = args.methods or (
+        ["galore"] if args.ablate else list(QUICK_METHODS if args.quick else METHODS)
+    )
+    for name in [m for m in methods if m in NOT_RUN]:
+        print(f"not running {name}: {NOT_RUN[name]}")
+    methods = [m for m in methods if m not in NOT_RUN]
+    for name in methods:
+        get_optimizer(name)  # an unknown name fails before anything runs
+    hidden = get_config(size["model"]).hidden_size
+    todo = variants(methods, lr_grid, args.ablate, hidden)
+    stem = "pretrain_compare" + "_quick" * args.quick + "_lr_grid" * (lr_grid != [1.0])
+    stem += f"_{args.ablate}" if args.ablate else ""
+    out = pathlib.Path(args.out or RESULTS / f"{stem}.json")
+    if args.replot:
+        result = json.loads(out.read_text())
+        save_figure(result["methods"], out.with_suffix(".png"), figure_title(result))
+        print(f"wrote {out.with_suffix('.png')}")
+        return result
+    print(f"{len(todo)} variants x {seeds} seeds on {size['model']}, {size['steps']} steps")
+
+    runs: dict[str, list[dict]] = {v.name: [] for v in todo}
+    with contextlib.ExitStack() as stack:
+        root = args.runs or stack.enter_context(tempfile.TemporaryDirectory())
+        for seed in range(seeds):  # every other seed backwards: no method always runs first
+            for v in todo if seed % 2 == 0 else todo[::-1]:
+                run_dir = str(pathlib.Path(root) / f"{v.name.replace(' ', '_')}-seed{seed}")
+                record = run_one(v, size, seed, run_dir)
+                runs[v.name].append(record)
+                status = record["error"] or f"val loss {record['val_loss']:.4f}"
+                print(f"seed {seed} {v.name:24} {status} ({record['seconds']:.0f} s)", flush=True)
+    reference = aggregate(todo[0], runs[REFERENCE], None)
+    rows = {
+        v.name: reference if v.name == REFERENCE else aggregate(v, runs[v.name], reference)
+        for v in todo
+    }
+    result = {
+        "command": " ".join(["python experiments/pretrain_compare.py", *(argv or sys.argv[1:])]),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "size": size,
+        "seeds": list(range(seeds)),
+        "lr_grid": lr_grid,
+        "ablate": args.ablate,
+        "trainer_defaults": {"rank": max(1, hidden // 4), **{k: getattr(RunConfig(), k) for k in
+                             TRAINER_DEFAULTS}},  # fmt: skip
+        "not_run": NOT_RUN,
+        "reference": REFERENCE,
+        "table": table(rows),
+        "methods": rows,
+    }
+    print(result["table"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    save_figure(rows, out.with_suffix(".png"), figure_title(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
