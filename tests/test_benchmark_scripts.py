@@ -3,6 +3,7 @@ full size)."""
 
 import importlib.util
 import json
+import math
 import pathlib
 
 import pytest
@@ -41,3 +42,43 @@ def test_step_memory_benchmark_on_the_cpu(tmp_path, target):
     ]
     assert json.loads(out.read_text()) == rows
     assert all(r["peak_bytes"] > r["param_bytes"] for r in rows)
+
+
+VS_TORCH_TINY = ["--model", "llama_tiny", "--vocab-size", "259", "--batch-size", "2",
+                 "--seq-len", "16", "--warmup", "1", "--steps", "1", "--rounds", "1"]  # fmt: skip
+
+
+def test_vs_torch_benchmark_reports_our_side_alone(tmp_path):
+    out = tmp_path / "vs.json"
+    result = _load("vs_torch").main(
+        [*VS_TORCH_TINY, "--methods", "lora", "--no-torch", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == result
+    assert result["torch"] is None and list(result["results"]) == ["lora"]
+    for row in result["results"].values():
+        assert row["torch"] is None and row["torch_skipped"] == "--no-torch"
+        assert row["ours"]["tokens_per_s"]["best"] > 0
+        assert abs(row["ours"]["first_loss"] - math.log(259)) < 0.5  # random init: ~ln(vocab)
+
+
+_PEER = ("torch", "transformers")
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in _PEER),
+    reason="torch or transformers is not installed: the PyTorch half of "
+    "benchmarks/vs_torch.py cannot run (our half is tested above)",
+)
+def test_vs_torch_benchmark_against_the_torch_stack(tmp_path):
+    result = _load("vs_torch").main(
+        [*VS_TORCH_TINY, "--methods", "adamw", "--out", str(tmp_path / "vs.json")]
+    )
+    assert result["torch"]["torch"]
+    for method, row in result["results"].items():
+        assert row["torch"]["name"] == _load("vs_torch").PEER_NAMES[method]
+        # same shape, same batch: both sides start at the loss of a uniform guess
+        assert abs(row["torch"]["first_loss"] - row["ours"]["first_loss"]) < 0.5
+        ours, theirs = row["ours"]["tokens_per_s"], row["torch"]["tokens_per_s"]
+        assert row["ratio_ours_vs_torch"]["median"] == pytest.approx(
+            ours["median"] / theirs["median"]
+        )
