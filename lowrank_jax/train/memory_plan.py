@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -61,7 +62,41 @@ _TOPOLOGIES = {
 
 class DoesNotFit(ValueError):
     """The target's compiler refused the step: it needs more memory than one device has (the
-    TPU compiler checks HBM while compiling). The message has the compiler's figures."""
+    TPU compiler checks HBM while compiling). The message has the compiler's figures.
+
+    Attributes:
+      required_bytes: what the compiler says the program needs, or ``None`` when its message
+        has no figure. libtpu's message calls this "the total memory required for HLO
+        temporaries", but it is the whole program's: arguments (parameters, optimizer state)
+        included. A bare 17 GB bfloat16 argument summed on a 15.75 GiB v5e is refused with
+        "HLO temporaries (15.83G)" and no temporaries at all (tests/tpu).
+      available_bytes: the device's memory as the compiler counts it, or ``None``.
+    """
+
+    def __init__(self, message: str, required_bytes: int | None = None,
+                 available_bytes: int | None = None):  # fmt: skip
+        super().__init__(message)
+        self.required_bytes = required_bytes
+        self.available_bytes = available_bytes
+
+
+_HBM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def _refusal(description: str, err: Exception) -> DoesNotFit:
+    """The :class:`DoesNotFit` for the compiler's out-of-memory ``err``."""
+    detail = str(err).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+    found = _HBM.search(detail)
+    if found is None:
+        return DoesNotFit(f"{description}: does NOT fit ({detail})")
+    required, available = (int(float(x) * 2**30) for x in found.groups())
+    return DoesNotFit(
+        f"{description}: does NOT fit: the compiler needs {memory.human(required)} in all "
+        f"(parameters, optimizer state and temporaries; its message calls the total 'HLO "
+        f"temporaries') and the device has {memory.human(available)} ({detail})",
+        required,
+        available,
+    )
 
 
 class MemoryPlan(NamedTuple):
@@ -280,8 +315,7 @@ def plan_memory(
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
-        detail = str(err).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
-        raise DoesNotFit(f"{description}: does NOT fit ({detail})") from None
+        raise _refusal(description, err) from None
     seconds = time.perf_counter() - began
     if device_memory is None:
         device_memory = TARGETS[target][1]

@@ -138,9 +138,38 @@ def test_a_step_larger_than_the_chip_is_reported_as_not_fitting():
     """The TPU compiler refuses a program that needs more than the chip's HBM: the planner
     says so in one line with the compiler's figures (llama_1b AdamW in float32: 5.4 GB of
     parameters and 10.7 GB of moments on a 16 GB v5e)."""
-    with pytest.raises(DoesNotFit, match=r"llama_1b .* adamw, .* does NOT fit \(.*HBM"):
+    with pytest.raises(DoesNotFit, match=r"llama_1b .* adamw, .* does NOT fit: the compiler "
+                       r"needs .* in all .*HBM") as refused:  # fmt: skip
         plan_memory("llama_1b", "adamw", batch_size=1, seq_len=256, dtype="float32",
                     target="tpu-v5e")  # fmt: skip
+    # the compiler's figure is the whole program's: at least the parameters and the moments
+    params = 4 * get_config("llama_1b").num_params()
+    required, available = refused.value.required_bytes, refused.value.available_bytes
+    assert available == int(15.75 * 2**30), available
+    assert required > available and required >= 3 * params, (required, params)
+
+
+def test_the_tpu_compilers_refusal_counts_the_arguments_as_temporaries():
+    """libtpu's out-of-memory message says "the total memory required for HLO temporaries
+    (X G)", but X includes the arguments: a program that only sums a 17 GB argument (no
+    temporaries) is refused on a v5e with X = the argument's size. So the planner reports X as
+    the total the program needs, not as its temporaries."""
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from lowrank_jax import memory
+    from lowrank_jax.train.memory_plan import _refusal
+
+    mesh = Mesh(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[:1],
+                ("x",))  # fmt: skip
+    sharding = NamedSharding(mesh, PartitionSpec())
+    rows = 17 * 10**9 // (2 * 4096)
+    big = jax.ShapeDtypeStruct((rows, 4096), jax.numpy.bfloat16, sharding=sharding)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED") as err:
+        jax.jit(lambda x: x.astype(np.float32).sum(), out_shardings=sharding).lower(big).compile()
+    refused = _refusal("sum", err.value)
+    assert abs(refused.required_bytes - rows * 4096 * 2) < 0.01 * 2**30, refused.required_bytes
+    assert f"needs {memory.human(refused.required_bytes)} in all" in str(refused), str(refused)
 
 
 def test_a_tpu_targets_figure_is_of_the_pallas_kernel_the_chip_would_run():
