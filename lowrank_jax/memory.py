@@ -323,6 +323,18 @@ class CompiledMemory(NamedTuple):
         """Arguments + outputs not aliased to them + temporaries: the device memory in use."""
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
+    @classmethod
+    def of(cls, compiled: Any) -> CompiledMemory:
+        """The analysis of an already compiled program (``jax.jit(f).lower(...).compile()``)."""
+        stats = compiled.memory_analysis()
+        return cls(
+            int(stats.argument_size_in_bytes),
+            int(stats.output_size_in_bytes),
+            int(stats.alias_size_in_bytes),
+            int(stats.temp_size_in_bytes),
+            int(stats.generated_code_size_in_bytes),
+        )
+
 
 def compiled_memory(fn: Any, *args: Any, **kwargs: Any) -> CompiledMemory:
     """Compiles ``fn`` for ``args`` and returns XLA's memory analysis (nothing is allocated).
@@ -339,14 +351,7 @@ def compiled_memory(fn: Any, *args: Any, **kwargs: Any) -> CompiledMemory:
       (262144, 262144)
     """
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
-    return CompiledMemory(
-        int(stats.argument_size_in_bytes),
-        int(stats.output_size_in_bytes),
-        int(stats.alias_size_in_bytes),
-        int(stats.temp_size_in_bytes),
-        int(stats.generated_code_size_in_bytes),
-    )
+    return CompiledMemory.of(jitted.lower(*args, **kwargs).compile())
 
 
 def _flora_buffer(leaf: Any, plan: Any, rank: int, proj_type: str = "std") -> int:

@@ -157,6 +157,22 @@ def _single_device() -> bool:
     return jax.device_count() == 1
 
 
+# the list of record_choices() in force: each Pallas dispatch traced within appends to it
+_CHOSEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("pallas_chosen", default=None)
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[list[tuple[str, str]]]:
+    """Collects ``(kernel, target)`` for each Pallas kernel :func:`choose` picks while the
+    block traces (the non-finite guard asks whether an update runs an in-place kernel)."""
+    chosen: list[tuple[str, str]] = []
+    token = _CHOSEN.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _CHOSEN.reset(token)
+
+
 def choose(
     kernel: str,
     mode: str | None,
@@ -184,6 +200,22 @@ def choose(
       ValueError: a forced Pallas mode with unsupported arguments, or ``"pallas"`` without a
         GPU/TPU.
     """
+    plan = _choose(kernel, mode, supported, free_layout, size, probe, auto_targets)
+    chosen = _CHOSEN.get()
+    if plan is not None and chosen is not None:
+        chosen.append((kernel, plan[0]))
+    return plan
+
+
+def _choose(
+    kernel: str,
+    mode: str | None,
+    supported: str | None,
+    free_layout: Callable[[str], bool],
+    size: int,
+    probe: Callable[[str], bool],
+    auto_targets: tuple[str, ...],
+) -> tuple[str, bool] | None:
     mode = _check_mode(current_mode() if mode is None else mode, kernel)
     if mode == "reference":
         return None

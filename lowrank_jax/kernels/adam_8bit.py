@@ -9,6 +9,7 @@ the gradient, the update and the 8-bit state (about 2 + 4 + 4 bytes per element 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -195,7 +196,8 @@ def adam_8bit_update_pallas(
 
     The leaf is viewed as ``(n_blocks, block_size)`` (one quantization block per row; the tail
     padded with zero codes, which dequantize to 0 and leave the block maxima alone), the codes
-    and scales are aliased to their outputs.
+    and scales are aliased to their outputs. On a TPU a matrix whose rows hold several whole
+    blocks is tiled in its own layout instead (no relayout copies; :func:`_in_place`).
 
     Args:
       g, m, v, correction1, correction2, block_size, quantization: as the reference
@@ -215,6 +217,12 @@ def adam_8bit_update_pallas(
     if not _dispatch.is_static_number(b1, b2, eps):
         raise ValueError("adam_8bit_update_pallas: b1, b2 and eps must be Python numbers.")
 
+    kernel = functools.partial(
+        _kernel, b1=b1, b2=b2, eps=eps, quantization=quantization, target=target
+    )
+    tile = _matrix_tile(g.shape, block_size, target, block_rows)
+    if tile is not None:
+        return _in_place(kernel, g, m, v, c1, c2, tile, block_size, quantization, interpret)
     signed_zero = int(np.searchsorted(code_map(True, quantization), 0.0))
     n_blocks, padded, br = _layout(g.size, block_size, target, block_rows)
     g2 = _dispatch.to_rows(g, block_size, padded)
@@ -225,9 +233,6 @@ def adam_8bit_update_pallas(
     scalar = pl.BlockSpec((1, 1), lambda i: (0, 0))
     codes_shape = jax.ShapeDtypeStruct(g2.shape, jnp.uint8)
     scales_shape = jax.ShapeDtypeStruct((padded, 1), jnp.float32)
-    kernel = functools.partial(
-        _kernel, b1=b1, b2=b2, eps=eps, quantization=quantization, target=target
-    )
     u, m_codes, m_scales, v_codes, v_scales = pl.pallas_call(
         kernel,
         out_shape=(
@@ -269,6 +274,87 @@ def adam_8bit_update_pallas(
         _dispatch.from_rows(u, shape),
         QuantizedArray(_dispatch.from_rows(m_codes, shape), m_scales[:n_blocks, 0]),
         QuantizedArray(_dispatch.from_rows(v_codes, shape), v_scales[:n_blocks, 0]),
+    )
+
+
+def _matrix_tile(
+    shape: tuple[int, ...], block_size: int, target: str, block_rows: int | None
+) -> int | None:
+    """Rows per grid step of the in-place TPU layout (:func:`_in_place`), or ``None`` when the
+    leaf takes the row layout: a TPU target, a matrix ``(R, C)`` whose rows hold several whole
+    quantization blocks (``C`` a multiple of ``block_size``, ``C > block_size``), and a number
+    of rows per step that divides ``R`` and is a multiple of 32 (uint8 codes tile ``(32, 128)``)
+    or is ``R``. ``block_rows`` (tests) forces it."""
+    if target != "tpu" or len(shape) != 2 or shape[1] % block_size or shape[1] == block_size:
+        return None
+    rows = shape[0]
+    if block_rows:
+        return block_rows if rows % block_rows == 0 else None
+    most = max(_BUDGET["tpu"] // block_size, 32)
+    if rows <= most:
+        return rows
+    for step in range(most - most % 32, 0, -32):
+        if rows % step == 0:
+            return step
+    return None
+
+
+def _in_place(
+    kernel: Any,
+    g: jax.Array,
+    m: Any,
+    v: Any,
+    c1: jax.Array,
+    c2: jax.Array,
+    tile: int,
+    block_size: int,
+    quantization: str,
+    interpret: bool,
+) -> tuple[jax.Array, Any, Any]:
+    """The kernel on a matrix ``(R, C)`` in its own layout: grid step ``(i, j)`` takes rows
+    ``i·tile ...`` and columns ``j·block_size ...``, which are ``tile`` whole quantization
+    blocks (row-major blocks are row segments), so the gradient, the update and the codes are
+    not reshaped to ``(blocks, block_size)``. On a TPU that reshape is a relayout copy of each
+    (the ``(8, 128)``-tiled layout of a ``32000 x 512`` embedding is not that of ``64000 x
+    256``): 3 copies of the embedding and the head at ``llama_60m``. The scales, one float per
+    block, go in as ``(C / block_size, R, 1)``."""
+    rows, cols = g.shape
+    per_row = cols // block_size
+    to_grid = lambda scales: scales.reshape(rows, per_row).T[:, :, None]
+    from_grid = lambda scales: scales[:, :, 0].T.reshape(-1)
+    matrix = pl.BlockSpec((tile, block_size), lambda i, j: (i, j))
+    scales = pl.BlockSpec((None, tile, 1), lambda i, j: (j, i, 0))
+    scalar = pl.BlockSpec((1, 1), lambda i, j: (0, 0))
+    table = pl.BlockSpec((2, 128), lambda i, j: (0, 0))
+    codes_shape = jax.ShapeDtypeStruct(g.shape, jnp.uint8)
+    scales_shape = jax.ShapeDtypeStruct((per_row, rows, 1), jnp.float32)
+    options = _dispatch.pallas_options("tpu", interpret)
+    options["compiler_params"] = dataclasses.replace(
+        options["compiler_params"], dimension_semantics=("parallel", "parallel")
+    )
+    u, m_codes, m_scales, v_codes, v_scales = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(g.shape, g.dtype), codes_shape, scales_shape,
+                   codes_shape, scales_shape),  # fmt: skip
+        grid=(rows // tile, per_row),
+        in_specs=[scalar, scalar, table, table, matrix, matrix, scales, matrix, scales],
+        out_specs=(matrix, matrix, scales, matrix, scales),
+        input_output_aliases={5: 1, 6: 2, 7: 3, 8: 4},
+        name="adam_8bit_update",
+        **options,
+    )(
+        c1.reshape(1, 1),
+        c2.reshape(1, 1),
+        table_operand(True, quantization, "tpu"),
+        table_operand(False, quantization, "tpu"),
+        g,
+        m[0],
+        to_grid(m[1]),
+        v[0],
+        to_grid(v[1]),
+    )
+    return u, QuantizedArray(m_codes, from_grid(m_scales)), QuantizedArray(
+        v_codes, from_grid(v_scales)
     )
 
 

@@ -61,7 +61,7 @@ from lowrank_jax.data.sources import DataError
 from lowrank_jax.train.config import ConfigError
 from lowrank_jax.train.finetune_export import save_outputs
 from lowrank_jax.train.metrics import MetricsWriter
-from lowrank_jax.train.step import warmup_cosine
+from lowrank_jax.train.step import TrainState, make_train_step, warmup_cosine
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -81,8 +81,8 @@ DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
 # The settings a checkpoint must agree on to be resumed (the others only change what is logged).
 RUN_SHAPING = (
     "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
-    "batch_size", "max_seq_len", "seed", "quantize_base", "val_fraction", "tokenizer",
-    "adapter_optimizer",
+    "batch_size", "accum_steps", "max_seq_len", "seed", "quantize_base", "val_fraction",
+    "tokenizer", "adapter_optimizer",
 )  # fmt: skip
 # The optimizers of the adapter methods (--adapter-optimizer): AdamW, or a LoRA-side rule on
 # the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA).
@@ -107,6 +107,9 @@ class FinetuneConfig:
       lr: peak learning rate (default :data:`ADAPTER_LR` or the optimizer's registry default).
       steps, batch_size, max_seq_len, seed: the run's length, rows per step, tokens per row
         (longer records are truncated) and seed.
+      accum_steps: split each step's ``batch_size`` rows into this many microbatches whose
+        gradients are summed before the one update (gradient accumulation: one microbatch's
+        activations; the loss is still the mean over all the batch's response tokens).
       quantize_base: ``"nf4"`` or ``"int8"``: QLoRA (adapter methods only).
       adapter_optimizer: what trains the adapters (:data:`ADAPTER_OPTIMIZERS`): ``adamw``;
         ``loraplus`` (``B`` at 16x the rate, :func:`~lowrank_jax.optimizers.loraplus_adamw`);
@@ -140,6 +143,7 @@ class FinetuneConfig:
     lr: float | None = None
     steps: int = 100
     batch_size: int = 4
+    accum_steps: int = 1
     max_seq_len: int = 512
     seed: int = 0
     quantize_base: str | None = None
@@ -174,9 +178,15 @@ class FinetuneConfig:
                 f"--method {self.method!r} is neither an adapter method ({adapters}) nor a "
                 f"registered optimizer ({optimizers})"
             )
-        for name in ("steps", "batch_size", "rank", "eval_max_new_tokens", "log_every"):
+        for name in ("steps", "batch_size", "accum_steps", "rank", "eval_max_new_tokens",
+                     "log_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(
+                f"--accum-steps {self.accum_steps} must divide --batch-size {self.batch_size} "
+                "(each microbatch has batch_size / accum_steps rows)"
+            )
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
             raise ConfigError(f"--stop-at must be in [1, steps], got {self.stop_at!r}")
         for name in ("eval_every", "eval_generate", "checkpoint_every"):
@@ -322,10 +332,12 @@ def _rows(count: int, batch_size: int, seed: int) -> Any:
 
 
 def _losses(graph: Any) -> tuple[Callable, Callable]:
-    """``(loss, summed)``: mean and ``(sum, count)`` of the response-token cross-entropy.
+    """``(loss, summed)``: ``(sum, count)`` of the response-token cross-entropy, to train
+    (``make_train_step``'s ``loss_fn``) and to evaluate.
 
-    ``loss`` trains: adapter dropout draws from ``key`` (one per step, so a resumed run draws
-    the same masks). ``summed`` evaluates, dropout off.
+    ``loss(trainable, batch, rest, key)`` trains: adapter dropout draws from ``key`` (one per
+    step, so a resumed run draws the same masks). ``summed(trainable, rest, batch)``
+    evaluates, dropout off.
     """
 
     def forward(trainable: Any, rest: tuple, batch: dict, key: Any) -> tuple[jax.Array, jax.Array]:
@@ -349,9 +361,8 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
         mask = batch["loss_mask"].astype(jnp.float32)
         return jnp.sum(nll * mask), jnp.sum(mask)
 
-    def loss(trainable: Any, rest: Any, batch: dict, key: jax.Array) -> jax.Array:
-        total, count = forward(trainable, rest, batch, key)
-        return total / jnp.maximum(count, 1.0)
+    def loss(trainable: Any, batch: dict, rest: Any, key: jax.Array) -> tuple:
+        return forward(trainable, rest, batch, key)
 
     def summed(trainable: Any, rest: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
         return forward(trainable, rest, batch, None)
@@ -495,15 +506,13 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         graph, params, rngs, frozen = nnx.split(model, nnx.Param, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see
         tx = _optimizer(cfg, schedule)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
     rest = (rngs, frozen)  # what the model needs besides the trained arrays
     loss_fn, summed = _losses(graph)
-
-    def step(trainable: Any, opt_state: Any, rest: Any, batch: dict, at: jax.Array) -> tuple:
-        key = jax.random.fold_in(jax.random.key(cfg.seed), at)
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    # the pre-training step: global-norm clipping at 1, the non-finite guard (a bad batch is
+    # skipped, nothing changes), gradient accumulation; state donated
+    train_step = make_train_step(
+        None, tx, grad_clip=1.0, schedule=schedule, accum_steps=cfg.accum_steps, loss_fn=loss_fn
+    )
 
     trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(trainable)))
     state_bytes = memory.state_bytes(tx, trainable)
@@ -523,11 +532,22 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics = MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), start if start else None)
-    train_step = jax.jit(step, donate_argnums=(0, 1))
     summed = jax.jit(summed)
     batches = _rows(len(train_data.inputs), cfg.batch_size, cfg.seed)
     for _ in range(start):  # the batches a resumed run has already seen
         next(batches)
+    # compiled once, for the run and for XLA's memory analysis of the step (nothing allocated)
+    key = jax.random.key(cfg.seed)
+    train_state = TrainState(jnp.int32(start), state["trainable"], state["opt_state"])
+    train_step = train_step.lower(
+        train_state, train_data.batch(np.arange(cfg.batch_size) % len(train_data.inputs)),
+        rest, key,
+    ).compile()  # fmt: skip
+    compiled = memory.CompiledMemory.of(train_step)
+    log(
+        f"compiled step: {memory.human(compiled.temp_bytes)} of temporaries, peak "
+        f"{memory.human(compiled.peak_bytes)} (XLA's analysis)"
+    )
 
     def evaluate(at: int) -> dict:
         val_loss = _evaluate(summed, state["trainable"], rest, val_data, cfg.batch_size)
@@ -545,19 +565,29 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         metrics.write(info)
         before = evaluate(0)
     began = time.perf_counter()
+    skipped = run_of_skips = 0
     for at in range(start + 1, (cfg.stop_at or cfg.steps) + 1):
         batch = train_data.batch(next(batches))
-        trainable, opt_state, loss = train_step(
-            state["trainable"], state["opt_state"], rest, batch, jnp.int32(at)
+        train_state, step_metrics = train_step(
+            train_state, batch, rest, jax.random.fold_in(key, at)
         )
         tokens = state["tokens"] + int(batch["loss_mask"].sum())
-        state = {"trainable": trainable, "opt_state": opt_state, "tokens": tokens}
+        state = {"trainable": train_state.params, "opt_state": train_state.opt_state,
+                 "tokens": tokens}  # fmt: skip
+        if bool(step_metrics["skipped"]):  # nothing changed: the guard kept the old state
+            skipped, run_of_skips = skipped + 1, run_of_skips + 1
+            log(f"step {at}: skipped (the loss or a gradient is not finite)")
+            if run_of_skips >= cfg.log_every:
+                raise ConfigError(
+                    f"{run_of_skips} steps in a row up to step {at} had a non-finite loss or "
+                    f"gradient and were skipped; lower --lr ({lr:g})"
+                )
+        else:
+            run_of_skips = 0
         if at % cfg.log_every == 0 or at == cfg.steps:
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise ConfigError(f"the loss is not finite at step {at}; lower --lr ({lr:g})")
+            loss = float(step_metrics["loss"])
             metrics.write({"step": at, "loss": loss, "lr": float(schedule(at - 1)),
-                           "tokens": int(tokens)})  # fmt: skip
+                           "tokens": int(tokens), "skipped": skipped})  # fmt: skip
             log(f"step {at}: loss {loss:.4f}")
         if (cfg.eval_every and at % cfg.eval_every == 0) or at == cfg.steps:
             record = evaluate(at)
@@ -581,6 +611,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         "val_ppl": record["val_ppl"],
         "trainable_params": trainable_params,
         "optimizer_state_bytes": state_bytes,
+        "step_temp_bytes": compiled.temp_bytes,
+        "step_peak_bytes": compiled.peak_bytes,
+        "skipped_steps": skipped,
         "train_tokens": int(state["tokens"]),
         "seconds": round(seconds, 2),
         "saved": saved,

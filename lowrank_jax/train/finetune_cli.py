@@ -41,6 +41,8 @@ def add_finetune_commands(
     ft.add_argument("--lr", type=float, help="peak learning rate [2e-4 adapters; optimizer's]")
     ft.add_argument("--steps", type=int, default=100, help="training steps [100]")
     ft.add_argument("--batch-size", type=int, default=4, help="packed rows per step [4]")
+    ft.add_argument("--accum-steps", type=int, default=1,
+                    help="microbatches per step, gradients summed (accumulation) [1]")  # fmt: skip
     ft.add_argument("--max-seq-len", type=int, default=512,
                     help="tokens per row; longer records are truncated [512]")  # fmt: skip
     ft.add_argument("--seed", type=int, default=0, help="seed of init, split and batches [0]")

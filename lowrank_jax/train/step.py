@@ -170,7 +170,8 @@ def make_train_step(
     clip_per_layer: bool = False,
     skip_nonfinite: bool = True,
     accum_steps: int = 1,
-) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    loss_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
+) -> Callable[..., tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     The gradient's global norm is clipped to ``grad_clip`` (as ``torch.nn.utils.
@@ -202,6 +203,18 @@ def make_train_step(
     (:func:`~lowrank_jax.train.layerwise.layerwise_accumulate_step`: the microbatches pass
     through each layer in turn, and each layer's gradient is their sum before its update).
 
+    With ``loss_fn`` the step trains any loss, not the LLaMA next-token one (``lowrank-jax
+    finetune`` trains adapters or every weight of a pretrained model this way, on the response
+    tokens only): ``loss_fn(params, batch, *extra)`` returns ``(total, count)``, the summed
+    loss over ``batch`` and the number of terms it sums (e.g. the response tokens); the
+    step's loss is ``total / count`` over the whole batch, also with ``accum_steps`` (then the
+    microbatches' totals and counts are summed before dividing, so a microbatch with more
+    response tokens weighs more, as in the whole batch). ``batch`` may be any pytree of
+    arrays with the rows first; the step is ``(state, batch, *extra) -> (state, metrics)`` and
+    ``extra`` (e.g. the frozen base, a dropout key) is passed to every ``loss_fn`` call, not
+    donated. ``params`` are then whatever ``state.params`` holds (the trained arrays only);
+    ``graphdef`` is not used and may be ``None``; ``layerwise`` needs the LLaMA loss.
+
     Args:
       graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
       tx: any optax transformation.
@@ -215,6 +228,8 @@ def make_train_step(
       clip_per_layer: with ``layerwise``, clip per layer (see above).
       skip_nonfinite: skip non-finite steps (``False``: apply them, NaNs and all).
       accum_steps: microbatches per step; must divide the batch size.
+      loss_fn: ``(params, batch, *extra) -> (total, count)``; ``None``: the LLaMA loss of
+        ``graphdef``.
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
@@ -233,27 +248,24 @@ def make_train_step(
     if not isinstance(accum_steps, int) or isinstance(accum_steps, bool) or accum_steps < 1:
         raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
     if layerwise:
+        if loss_fn is not None:
+            raise ValueError(
+                "layerwise=True applies tx inside the LLaMA model's backward pass: it goes "
+                "with the model's own loss (graphdef), not a custom loss_fn"
+            )
         step = _layerwise_step(
             graphdef, tx, grad_clip, clip_per_layer, schedule, skip_nonfinite, accum_steps
         )
         return _jit(step, state_sharding, batch_sharding)
     if clip_per_layer:
         raise ValueError("clip_per_layer=True goes with layerwise=True")
-    loss_fn = _loss_fn(graphdef)
+    if loss_fn is None:
+        loss_and_grads = _mean_loss_and_grads(_loss_fn(graphdef), accum_steps)
+    else:
+        loss_and_grads = _weighted_loss_and_grads(loss_fn, accum_steps)
 
-    def loss_and_grads(params: Any, batch: jax.Array) -> tuple[jax.Array, Any]:
-        if accum_steps == 1:
-            return jax.value_and_grad(loss_fn)(params, batch)
-        part = jax.value_and_grad(lambda p, mb: loss_fn(p, mb) / accum_steps)
-
-        def microbatch(sums: tuple, mb: jax.Array) -> tuple[tuple, None]:
-            return jax.tree.map(jnp.add, sums, part(params, mb)), None
-
-        zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        return jax.lax.scan(microbatch, zeros, microbatches(batch, accum_steps))[0]
-
-    def step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
-        loss, grads = loss_and_grads(state.params, batch)
+    def step(state: TrainState, batch: Any, *extra: Any) -> tuple[TrainState, dict]:
+        loss, grads = loss_and_grads(state.params, batch, *extra)
         grad_norm = optax.tree.norm(grads)
         if grad_clip > 0:
             factor = jnp.minimum(1.0, grad_clip / (grad_norm + 1e-6))
@@ -281,6 +293,55 @@ def make_train_step(
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return _jit(step, state_sharding, batch_sharding)
+
+
+def _mean_loss_and_grads(loss_fn: Callable, accum_steps: int) -> Callable:
+    """``(params, batch) -> (loss, grads)`` of a mean loss, over ``accum_steps`` microbatches
+    of equal weight."""
+
+    def loss_and_grads(params: Any, batch: jax.Array) -> tuple[jax.Array, Any]:
+        if accum_steps == 1:
+            return jax.value_and_grad(loss_fn)(params, batch)
+        part = jax.value_and_grad(lambda p, mb: loss_fn(p, mb) / accum_steps)
+
+        def microbatch(sums: tuple, mb: jax.Array) -> tuple[tuple, None]:
+            return jax.tree.map(jnp.add, sums, part(params, mb)), None
+
+        zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        return jax.lax.scan(microbatch, zeros, microbatches(batch, accum_steps))[0]
+
+    return loss_and_grads
+
+
+def _weighted_loss_and_grads(loss_fn: Callable, accum_steps: int) -> Callable:
+    """``(params, batch, *extra) -> (loss, grads)`` of ``total / count`` where ``loss_fn``
+    returns ``(total, count)``; with ``accum_steps`` the microbatches' totals and counts are
+    summed first (the whole batch's mean, however the counts fall)."""
+
+    def mean(params: Any, batch: Any, *extra: Any) -> tuple[jax.Array, jax.Array]:
+        total, count = loss_fn(params, batch, *extra)
+        count = jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
+        return total / count, count
+
+    def loss_and_grads(params: Any, batch: Any, *extra: Any) -> tuple[jax.Array, Any]:
+        if accum_steps == 1:
+            return jax.value_and_grad(lambda p: mean(p, batch, *extra)[0])(params)
+        part = jax.value_and_grad(lambda p, mb: loss_fn(p, mb, *extra), has_aux=True)
+
+        def microbatch(sums: tuple, mb: Any) -> tuple[tuple, None]:
+            (total, count), grads = part(params, mb)
+            count = jnp.asarray(count, jnp.float32)
+            return jax.tree.map(jnp.add, sums, (total, count, grads)), None
+
+        zero = jnp.zeros([], jnp.float32)
+        split = jax.tree.map(lambda x: microbatches(x, accum_steps), batch)
+        total, count, grads = jax.lax.scan(
+            microbatch, (zero, zero, jax.tree.map(jnp.zeros_like, params)), split
+        )[0]
+        count = jnp.maximum(count, 1.0)
+        return total / count, jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
+
+    return loss_and_grads
 
 
 def _layerwise_step(

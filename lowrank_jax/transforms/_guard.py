@@ -101,7 +101,16 @@ def elementwise(
     """:func:`cond` for an elementwise update (Adam on the untargeted leaves), except on a TPU,
     where a select keeps it in place better: ``llama_60m``, bf16, one v5e chip, GaLore's peak
     is 411.8 MB with the select against 459.6 MB with the cond (XLA:CPU at ``llama_1b``,
-    float32: 7.56 GB of temporaries with the select, 7.34 with the cond)."""
+    float32: 7.56 GB of temporaries with the select, 7.34 with the cond).
+
+    An update that runs a Pallas kernel (the fused 8-bit Adam, which writes the moments into
+    their own buffers) always takes the cond: a select needs the old moments kept beside the
+    new ones, so XLA copies them before the kernel (8-bit GaLore at ``llama_60m`` on the v5e:
+    504.6 MB with the select, 422.5 with the cond; Q-GaLore 522.5 and 430.7)."""
+    with _dispatch.record_choices() as in_place:
+        jax.eval_shape(step)
+    if in_place:
+        return cond(guard, step, old_state)
 
     def select() -> tuple[Any, Any]:
         updates, new_state = step()

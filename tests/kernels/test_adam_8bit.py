@@ -94,6 +94,37 @@ def test_tpu_variant_and_bfloat16_gradient():
     assert_moments_close(got[1:], want[1:])
 
 
+@pytest.mark.parametrize(
+    "shape, block_rows", [((64, 512), 32), ((40, 768), None), ((96, 1024), None)]
+)
+def test_tpu_kernel_tiles_a_matrix_in_its_own_layout(shape, block_rows):
+    """A matrix whose rows hold whole blocks is tiled ``(rows, block_size)`` in place (a 2-D
+    grid, scales as ``(blocks per row, rows, 1)``): no reshape of the gradient, the update or
+    the codes (``adam_8bit._in_place``); the same results as the reference over steps."""
+    from lowrank_jax.kernels import adam_8bit
+
+    assert adam_8bit._matrix_tile(shape, BLOCK, "tpu", block_rows) == (block_rows or shape[0])
+    reference = step_fn(K.adam_8bit_update_reference, "dynamic")
+    kernel = step_fn(K.adam_8bit_update_pallas, "dynamic", target="tpu", interpret=True,
+                     block_rows=block_rows)  # fmt: skip
+    jaxpr = str(jax.make_jaxpr(kernel)(*next(run_transform(shape, "dynamic", steps=1))[0]))
+    assert f"[{shape[0] * shape[1] // BLOCK},{BLOCK}]" not in jaxpr  # no (blocks, 256) view
+    for inputs, _ in run_transform(shape, "dynamic", steps=3, seed=1):
+        got, want = kernel(*inputs), reference(*inputs)
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-7)
+        assert_moments_close(got[1:], want[1:])
+
+
+def test_matrix_tiles_fall_back_to_rows():
+    from lowrank_jax.kernels import adam_8bit
+
+    assert adam_8bit._matrix_tile((64, 256), BLOCK, "tpu", None) is None  # one block per row
+    assert adam_8bit._matrix_tile((64, 512), BLOCK, "triton", None) is None
+    assert adam_8bit._matrix_tile((4, 64, 512), BLOCK, "tpu", None) is None
+    assert adam_8bit._matrix_tile((300, 512), BLOCK, "tpu", None) is None  # no tile divides 300
+    assert adam_8bit._matrix_tile((32000, 512), BLOCK, "tpu", None) == 256
+
+
 def test_dispatcher_on_cpu_uses_the_reference():
     (inputs, _) = next(run_transform((2, 256), "dynamic", steps=1))
     jaxpr = jax.make_jaxpr(step_fn(K.adam_8bit_update, "dynamic"))(*inputs)

@@ -345,3 +345,41 @@ def test_adapter_optimizer_errors(checkpoint, tmp_path, capsys):
     assert "goes with --method lora" in err
     err = _error([*base, "--method", "galore", "--adapter-optimizer", "loraplus"], capsys)
     assert "--adapter-optimizer trains adapters" in err
+
+
+def test_the_summary_has_the_compiled_steps_memory(lora_run):
+    """The run compiles its step once and reports XLA's analysis of it (nothing allocated)."""
+    _, result = lora_run
+    summary = result.summary
+    assert summary["skipped_steps"] == 0
+    assert 0 < summary["step_temp_bytes"] < summary["step_peak_bytes"]
+    # the peak holds the base weights, the adapters and AdamW's two moments of them
+    assert summary["step_peak_bytes"] > 3 * 4 * summary["trainable_params"]
+
+
+def test_accumulated_microbatches_train_like_the_whole_batch(checkpoint, tmp_path):
+    """--accum-steps 2 with 2 rows per step: the same adapters as one 2-row step (the loss is
+    the mean over all the batch's response tokens either way)."""
+    runs = [
+        finetune(_lora_config(checkpoint, str(tmp_path / f"a{k}"), accum_steps=k, steps=3,
+                              eval_generate=0, merge=False), **QUIET)  # fmt: skip
+        for k in (1, 2)
+    ]
+    tokens = _tokens(runs[0].tokenizer)
+    logits = [np.asarray(forward(run.model, tokens)) for run in runs]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    losses = [[r["loss"] for r in _records(str(tmp_path / f"a{k}")) if "loss" in r] for k in (1, 2)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    with pytest.raises(Exception, match="--accum-steps 3 must divide --batch-size 2"):
+        _lora_config(checkpoint, str(tmp_path / "bad"), accum_steps=3).validate()
+
+
+def test_a_diverging_run_skips_non_finite_steps_then_stops(checkpoint, tmp_path):
+    """The step's guard skips a step whose loss or gradients are not finite (nothing changes);
+    a run that keeps producing them stops with one line naming --lr."""
+    from lowrank_jax.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"steps in a row .* skipped; lower --lr"):
+        finetune(_lora_config(checkpoint, str(tmp_path / "nan"), method="adamw", lr=1e30,
+                              alpha=None, merge=False, eval_generate=0, steps=8, log_every=2),
+                 **QUIET)  # fmt: skip

@@ -196,3 +196,64 @@ def test_restore_latest_falls_back_past_a_corrupt_step(tmp_path):
     assert f"{data} has " in warnings[0] and "resuming from step 1" in warnings[0]
     assert ckpt.all_steps() == [1] and (tmp_path / "2.corrupt").is_dir()
     assert Checkpointer(str(tmp_path / "empty")).restore_latest(state, None, None) is None
+
+
+def _masked_loss(graphdef):
+    """A fine-tuning loss for ``make_train_step(loss_fn=...)``: the summed next-token loss
+    over the positions ``batch["mask"]`` keeps, and their count."""
+
+    def loss(params, batch, scale):
+        logits = nnx.merge(graphdef, params)(batch["tokens"][:, :-1])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
+        mask = batch["mask"].astype(jnp.float32)
+        return scale * jnp.sum(nll * mask), jnp.sum(mask)
+
+    return loss
+
+
+def _masked_batch():
+    mask = np.zeros((4, 16), bool)
+    mask[0, 2:] = mask[1, 12:] = mask[2, :5] = mask[3, 7:9] = True  # uneven counts per row
+    return {"tokens": _batch(), "mask": jnp.asarray(mask)}
+
+
+def test_a_custom_loss_trains_the_whole_batchs_weighted_mean():
+    """``loss_fn`` returns (total, count): the step's loss is the batch's masked mean, and
+    with accumulation the microbatches' totals and counts are summed before dividing (rows
+    with more kept tokens weigh more), so 2 microbatches give the 1-microbatch step."""
+    tx = optax.sgd(0.5)
+    graphdef, state = _setup(tx)
+    loss_fn, batch = _masked_loss(graphdef), _masked_batch()
+    total, count = loss_fn(state.params, batch, 1.0)
+    results = []
+    for accum in (1, 2):
+        step = make_train_step(None, tx, accum_steps=accum, loss_fn=loss_fn, grad_clip=1.0)
+        copy = jax.tree.map(jnp.copy, state)
+        after, metrics = step(copy, batch, jnp.float32(1.0))
+        assert float(metrics["loss"]) == pytest.approx(float(total / count), rel=1e-5)
+        results.append(after.params)
+    chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.tree.map(chex_close, *results)
+    # and the gradient is that of the masked mean (plain SGD, no clipping reached)
+    grads = jax.grad(lambda p: (lambda t, c: t / c)(*loss_fn(p, batch, 1.0)))(state.params)
+    expected = jax.tree.map(lambda p, g: p - 0.5 * g * min(1.0, 1.0 / (
+        float(optax.tree.norm(grads)) + 1e-6)), state.params, grads)  # fmt: skip
+    jax.tree.map(chex_close, results[0], expected)
+
+
+def test_a_custom_losss_non_finite_step_is_skipped():
+    tx = optax.adamw(1e-2)
+    graphdef, state = _setup(tx)
+    step = make_train_step(None, tx, loss_fn=_masked_loss(graphdef))
+    before = jax.tree.map(np.asarray, state)
+    after, metrics = step(state, _masked_batch(), jnp.float32(np.nan))
+    assert bool(metrics["skipped"]) and int(after.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, (after.params, after.opt_state),
+                 (before.params, before.opt_state))  # fmt: skip
+
+
+def test_a_custom_loss_is_refused_by_the_layerwise_step():
+    graphdef, _ = _setup(optax.adamw(1e-3))
+    with pytest.raises(ValueError, match="layerwise=True .* not a custom loss_fn"):
+        make_train_step(graphdef, optax.adamw(1e-3), layerwise=True,
+                        loss_fn=_masked_loss(graphdef))  # fmt: skip

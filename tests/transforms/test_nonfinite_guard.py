@@ -131,3 +131,31 @@ def test_apollo_keeps_the_whole_update_cond_when_lowered_for_a_tpu(name, monkeyp
         trace()
         assert not finished  # the whole-update cond for a TPU
         test_guarded_steps_equal_unguarded_ones_and_skips_change_nothing(name)
+
+
+@pytest.mark.parametrize("mode", ["interpret", "reference"])
+def test_an_update_running_an_in_place_kernel_is_guarded_by_a_cond(mode):
+    """The fused 8-bit Adam kernel writes the moments into their own buffers: under a select
+    XLA would copy the old moments first, so ``_guard.elementwise`` takes the cond whenever
+    the update dispatches a Pallas kernel (the v5e figures are in its docstring); with the
+    jnp reference it keeps the platform's choice (a select on TPUs, a cond elsewhere)."""
+    import lowrank_jax.kernels as K
+    from lowrank_jax.transforms import scale_by_adam_8bit
+
+    params = {"w": jnp.ones((64, 512))}
+    tx = scale_by_adam_8bit(min_8bit_size=1)
+    state = tx.init(params)
+
+    def guarded(finite):
+        guard = _guard.Guard(finite)
+        return _guard.elementwise(guard, lambda: tx.update(params, state, params), state)
+
+    with K.kernel_mode(mode):
+        jaxpr = str(jax.make_jaxpr(guarded)(jnp.bool_(True)))
+    assert ("pallas_call" in jaxpr) == (mode == "interpret")
+    assert ("platform_index" in jaxpr) == (mode == "reference"), jaxpr[:400]
+    assert "cond" in jaxpr
+    with K.kernel_mode(mode):  # and a skipped step keeps the state
+        updates, kept = jax.jit(guarded)(jnp.bool_(False))
+    jax.tree.map(np.testing.assert_array_equal, kept, state)
+    assert not np.any(np.asarray(updates["w"]))
