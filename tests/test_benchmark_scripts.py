@@ -82,3 +82,18 @@ def test_vs_torch_benchmark_against_the_torch_stack(tmp_path):
         assert row["ratio_ours_vs_torch"]["median"] == pytest.approx(
             ours["median"] / theirs["median"]
         )
+
+
+def test_lora_step_benchmark_times_the_three_programs(tmp_path):
+    """The LoRA-overhead benchmark (issue 11's adapter-path target) at tiny size: the base
+    forward + backward, LoRA's, and the fine-tuning step, as ratios to the first."""
+    out = tmp_path / "lora.json"
+    record = _load("lora_step").main(
+        ["--tiny", "--batch-size", "2", "--seq-len", "8", "--rounds", "2", "--steps", "1",
+         "--out", str(out)]
+    )  # fmt: skip
+    results = json.loads(out.read_text())["results"]
+    assert results.keys() == {"base_fwd_bwd", "lora_fwd_bwd", "lora_step"}
+    assert results["base_fwd_bwd"]["tokens_per_s_vs_base_fwd_bwd"] == 1.0
+    assert all(len(r["seconds"]) == 2 and r["tokens_per_s"] > 0 for r in results.values())
+    assert record["command"].startswith("python benchmarks/lora_step.py --tiny")
