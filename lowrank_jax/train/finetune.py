@@ -81,8 +81,8 @@ DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
 # The settings a checkpoint must agree on to be resumed (the others only change what is logged).
 RUN_SHAPING = (
     "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
-    "batch_size", "accum_steps", "max_seq_len", "seed", "quantize_base", "val_fraction",
-    "tokenizer", "adapter_optimizer",
+    "batch_size", "accum_steps", "layerwise", "max_seq_len", "seed", "quantize_base",
+    "val_fraction", "tokenizer", "adapter_optimizer",
 )  # fmt: skip
 # The optimizers of the adapter methods (--adapter-optimizer): AdamW, or a LoRA-side rule on
 # the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA).
@@ -110,6 +110,10 @@ class FinetuneConfig:
       accum_steps: split each step's ``batch_size`` rows into this many microbatches whose
         gradients are summed before the one update (gradient accumulation: one microbatch's
         activations; the loss is still the mean over all the batch's response tokens).
+      layerwise: full-parameter methods: the model is loaded with its layers stacked and
+        the optimizer updates each layer's weights inside the backward pass, as soon as their
+        gradient exists (``make_train_step(layerwise=True)``; at most one layer's gradient is
+        alive); the gradients are then clipped per layer (to norm 1) rather than globally.
       quantize_base: ``"nf4"`` or ``"int8"``: QLoRA (adapter methods only).
       adapter_optimizer: what trains the adapters (:data:`ADAPTER_OPTIMIZERS`): ``adamw``;
         ``loraplus`` (``B`` at 16x the rate, :func:`~lowrank_jax.optimizers.loraplus_adamw`);
@@ -144,6 +148,7 @@ class FinetuneConfig:
     steps: int = 100
     batch_size: int = 4
     accum_steps: int = 1
+    layerwise: bool = False
     max_seq_len: int = 512
     seed: int = 0
     quantize_base: str | None = None
@@ -210,6 +215,13 @@ class FinetuneConfig:
                 "--adapter-optimizer lorafa freezes LoRA's A and rescales B's gradient by "
                 f"LoRA's (A, scale): it goes with --method lora, not {self.method!r}"
             )
+        if self.layerwise and self.adapter:
+            raise ConfigError(
+                f"--layerwise updates every weight inside the backward pass (full-parameter "
+                f"methods: galore, adamw, ...); {self.method!r} trains adapters. Drop the flag"
+            )
+        if self.layerwise and self.accum_steps > 1:
+            raise ConfigError("--layerwise with --accum-steps is not supported yet; drop one")
         if not self.adapter:
             if self.adapter_optimizer != "adamw":
                 raise ConfigError(
@@ -243,7 +255,7 @@ def _load(cfg: FinetuneConfig) -> tuple[Any, Any]:
     from lowrank_jax.models.pretrained import load_pretrained
 
     try:
-        return load_pretrained(cfg.model, tokenizer_path=cfg.tokenizer, scan_layers=False)
+        return load_pretrained(cfg.model, tokenizer_path=cfg.tokenizer, scan_layers=cfg.layerwise)
     except DataError as err:
         if cfg.tokenizer:
             raise
@@ -368,6 +380,20 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
         return forward(trainable, rest, batch, None)
 
     return loss, summed
+
+
+def _layerwise_loss(batch: dict) -> tuple[tuple, Callable[[jax.Array], jax.Array]]:
+    """The layer-wise step's form of the response-token loss: the model's inputs and the
+    batch's mean loss as a function of its logits."""
+
+    def loss(logits: jax.Array) -> jax.Array:
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["targets"]
+        )
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    return (batch["inputs"], batch["positions"], batch["segment_ids"]), loss
 
 
 def _evaluate(summed: Callable, trainable: Any, rest: Any, val: SFTData, batch_size: int) -> float:
@@ -510,9 +536,18 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     loss_fn, summed = _losses(graph)
     # the pre-training step: global-norm clipping at 1, the non-finite guard (a bad batch is
     # skipped, nothing changes), gradient accumulation; state donated
-    train_step = make_train_step(
-        None, tx, grad_clip=1.0, schedule=schedule, accum_steps=cfg.accum_steps, loss_fn=loss_fn
-    )
+    if cfg.layerwise:  # full-parameter methods only (validate): nothing besides the weights
+        train_step = make_train_step(
+            graph, tx, grad_clip=1.0, clip_per_layer=True, schedule=schedule, layerwise=True,
+            layerwise_loss=_layerwise_loss,
+        )  # fmt: skip
+        extra = lambda key: ()
+    else:
+        train_step = make_train_step(
+            None, tx, grad_clip=1.0, schedule=schedule, accum_steps=cfg.accum_steps,
+            loss_fn=loss_fn,
+        )  # fmt: skip
+        extra = lambda key: (rest, key)
 
     trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(trainable)))
     state_bytes = memory.state_bytes(tx, trainable)
@@ -541,7 +576,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     train_state = TrainState(jnp.int32(start), state["trainable"], state["opt_state"])
     train_step = train_step.lower(
         train_state, train_data.batch(np.arange(cfg.batch_size) % len(train_data.inputs)),
-        rest, key,
+        *extra(key),
     ).compile()  # fmt: skip
     compiled = memory.CompiledMemory.of(train_step)
     log(
@@ -569,7 +604,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     for at in range(start + 1, (cfg.stop_at or cfg.steps) + 1):
         batch = train_data.batch(next(batches))
         train_state, step_metrics = train_step(
-            train_state, batch, rest, jax.random.fold_in(key, at)
+            train_state, batch, *extra(jax.random.fold_in(key, at))
         )
         tokens = state["tokens"] + int(batch["loss_mask"].sum())
         state = {"trainable": train_state.params, "opt_state": train_state.opt_state,

@@ -43,6 +43,9 @@ def add_finetune_commands(
     ft.add_argument("--batch-size", type=int, default=4, help="packed rows per step [4]")
     ft.add_argument("--accum-steps", type=int, default=1,
                     help="microbatches per step, gradients summed (accumulation) [1]")  # fmt: skip
+    ft.add_argument("--layerwise", action="store_true",
+                    help="full-parameter methods: update each layer inside the backward pass, "
+                    "clipping per layer (one layer's gradient alive)")  # fmt: skip
     ft.add_argument("--max-seq-len", type=int, default=512,
                     help="tokens per row; longer records are truncated [512]")  # fmt: skip
     ft.add_argument("--seed", type=int, default=0, help="seed of init, split and batches [0]")

@@ -171,6 +171,8 @@ def make_train_step(
     skip_nonfinite: bool = True,
     accum_steps: int = 1,
     loss_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
+    layerwise_loss: Callable[[Any], tuple[tuple, Callable[[jax.Array], jax.Array]]]
+    | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
@@ -213,7 +215,10 @@ def make_train_step(
     arrays with the rows first; the step is ``(state, batch, *extra) -> (state, metrics)`` and
     ``extra`` (e.g. the frozen base, a dropout key) is passed to every ``loss_fn`` call, not
     donated. ``params`` are then whatever ``state.params`` holds (the trained arrays only);
-    ``graphdef`` is not used and may be ``None``; ``layerwise`` needs the LLaMA loss.
+    ``graphdef`` is not used and may be ``None``. The layer-wise step runs the model's pieces
+    itself, so it takes a custom loss as ``layerwise_loss(batch) -> (inputs, loss_of_logits)``
+    instead: the arguments of the model's ``embed_inputs`` (e.g. tokens, positions, segment
+    ids) and the batch's mean loss as a function of the logits (without accumulation).
 
     Args:
       graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
@@ -230,6 +235,8 @@ def make_train_step(
       accum_steps: microbatches per step; must divide the batch size.
       loss_fn: ``(params, batch, *extra) -> (total, count)``; ``None``: the LLaMA loss of
         ``graphdef``.
+      layerwise_loss: with ``layerwise``, ``batch -> (inputs, loss_of_logits)``; ``None``:
+        the next-token loss of ``int[batch, seq_len + 1]`` tokens.
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
@@ -250,13 +257,21 @@ def make_train_step(
     if layerwise:
         if loss_fn is not None:
             raise ValueError(
-                "layerwise=True applies tx inside the LLaMA model's backward pass: it goes "
-                "with the model's own loss (graphdef), not a custom loss_fn"
+                "layerwise=True runs the model's embedding, layers and head itself: give a "
+                "custom loss as layerwise_loss(batch) -> (inputs, loss_of_logits), not loss_fn"
+            )
+        if layerwise_loss is not None and accum_steps > 1:
+            raise ValueError(
+                "layerwise_loss with accum_steps > 1 is not supported: use accum_steps=1 or "
+                "the ordinary step (loss_fn) for accumulation"
             )
         step = _layerwise_step(
-            graphdef, tx, grad_clip, clip_per_layer, schedule, skip_nonfinite, accum_steps
-        )
+            graphdef, tx, grad_clip, clip_per_layer, schedule, skip_nonfinite, accum_steps,
+            layerwise_loss,
+        )  # fmt: skip
         return _jit(step, state_sharding, batch_sharding)
+    if layerwise_loss is not None:
+        raise ValueError("layerwise_loss goes with layerwise=True (else pass loss_fn)")
     if clip_per_layer:
         raise ValueError("clip_per_layer=True goes with layerwise=True")
     if loss_fn is None:
@@ -352,7 +367,13 @@ def _layerwise_step(
     schedule: optax.Schedule | None,
     skip_nonfinite: bool,
     accum_steps: int,
+    layerwise_loss: Callable | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    if layerwise_loss is None:
+        layerwise_loss = lambda batch: (
+            (batch[:, :-1],),
+            lambda logits: cross_entropy(logits, batch[:, 1:]),
+        )
     if grad_clip > 0 and not clip_per_layer:
         raise ValueError(
             "grad_clip with layerwise=True: global-norm clipping needs every gradient before "
@@ -378,14 +399,15 @@ def _layerwise_step(
                 skip_nonfinite=skip_nonfinite,
             )
         else:
+            inputs, loss_of_logits = layerwise_loss(batch)
             params, opt_state, loss, grad_norm = layerwise.layerwise_step(
                 pieces,
                 tx,
                 split,
                 state.params,
                 state.opt_state,
-                (batch[:, :-1],),
-                lambda logits: cross_entropy(logits, batch[:, 1:]),
+                inputs,
+                loss_of_logits,
                 grad_clip=grad_clip,
                 recompute=bool(getattr(nnx.merge(graphdef, state.params).config, "remat", False)),
                 skip_nonfinite=skip_nonfinite,

@@ -383,3 +383,28 @@ def test_a_diverging_run_skips_non_finite_steps_then_stops(checkpoint, tmp_path)
         finetune(_lora_config(checkpoint, str(tmp_path / "nan"), method="adamw", lr=1e30,
                               alpha=None, merge=False, eval_generate=0, steps=8, log_every=2),
                  **QUIET)  # fmt: skip
+
+
+def test_layerwise_full_parameter_fine_tuning(checkpoint, tmp_path):
+    """--layerwise: the model is loaded with stacked layers and GaLore updates each layer in
+    the backward pass; it trains, and its checkpoint reloads with the trained logits."""
+    model, data = checkpoint
+    out = str(tmp_path / "lw")
+    cfg = FinetuneConfig(model=model, data=data, out=out, method="galore", rank=4,
+                         options={"update_proj_gap": 2}, steps=4, batch_size=2, max_seq_len=64,
+                         lr=1e-2, layerwise=True)  # fmt: skip
+    result = finetune(cfg, **QUIET)
+    summary = _records(out)[-1]
+    assert result.model.config.scan_layers
+    assert summary["val_loss"] < summary["val_loss_before"]
+    tokens = _tokens(result.tokenizer)
+    reloaded = load_hf(os.path.join(out, "model"))
+    np.testing.assert_allclose(
+        np.asarray(forward(reloaded, tokens)), np.asarray(forward(result.model, tokens)), atol=1e-5
+    )
+    from lowrank_jax.train.config import ConfigError
+
+    for bad, match in (({"method": "lora"}, "--layerwise updates every weight"),
+                       ({"accum_steps": 2}, "--layerwise with --accum-steps")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            dataclasses.replace(cfg, **bad).validate()

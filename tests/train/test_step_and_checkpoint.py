@@ -254,6 +254,40 @@ def test_a_custom_losss_non_finite_step_is_skipped():
 
 def test_a_custom_loss_is_refused_by_the_layerwise_step():
     graphdef, _ = _setup(optax.adamw(1e-3))
-    with pytest.raises(ValueError, match="layerwise=True .* not a custom loss_fn"):
+    with pytest.raises(ValueError, match="layerwise=True runs .* not loss_fn"):
         make_train_step(graphdef, optax.adamw(1e-3), layerwise=True,
                         loss_fn=_masked_loss(graphdef))  # fmt: skip
+
+
+def test_a_custom_loss_trains_layer_by_layer_like_the_ordinary_step():
+    """``layerwise_loss(batch) -> (inputs, loss_of_logits)``: the layer-wise step with a
+    masked (fine-tuning) loss follows the ordinary step with the same loss as ``loss_fn``."""
+    config = get_config("llama_tiny", vocab_size=40, num_layers=2, scan_layers=True)
+    model = Llama(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = lr.galore_adamw(1e-2, rank=4, update_proj_gap=2)
+    batch = _masked_batch()
+
+    def layerwise_loss(batch):
+        def loss(logits):
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
+            mask = batch["mask"].astype(jnp.float32)
+            return jnp.sum(nll * mask) / jnp.sum(mask)
+
+        return (batch["tokens"][:, :-1],), loss
+
+    ordinary = make_train_step(None, tx, loss_fn=_masked_loss(graphdef))
+    by_layer = make_train_step(graphdef, tx, layerwise=True, layerwise_loss=layerwise_loss)
+    states = [TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params))
+              for _ in range(2)]  # fmt: skip
+    for _ in range(3):
+        states[0], m0 = ordinary(states[0], batch, jnp.float32(1.0))
+        states[1], m1 = by_layer(states[1], batch)
+        assert float(m1["loss"]) == pytest.approx(float(m0["loss"]), rel=1e-5)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    jax.tree.map(close, states[1].params, states[0].params)
+    with pytest.raises(ValueError, match="layerwise_loss goes with layerwise=True"):
+        make_train_step(graphdef, tx, layerwise_loss=layerwise_loss)
+    with pytest.raises(ValueError, match="layerwise_loss with accum_steps > 1"):
+        make_train_step(graphdef, tx, layerwise=True, layerwise_loss=layerwise_loss,
+                        accum_steps=2)  # fmt: skip
