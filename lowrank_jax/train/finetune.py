@@ -86,7 +86,9 @@ RUN_SHAPING = (
 )  # fmt: skip
 # The optimizers of the adapter methods (--adapter-optimizer): AdamW, or a LoRA-side rule on
 # the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA).
-ADAPTER_OPTIMIZERS = ("adamw", "loraplus", "lorafa", "allora")
+ADAPTER_OPTIMIZERS = ("adamw", "loraplus", "lorafa", "allora", "ggpo")
+# LoRA-GGPO's noise scale and gradient weight (the public port's defaults)
+GGPO_SIGMA, GGPO_BETA = 0.03, 0.01
 ADAPTER_LR = 2e-4  # the QLoRA paper's rate for small models
 
 
@@ -119,7 +121,11 @@ class FinetuneConfig:
         ``loraplus`` (``B`` at 16x the rate, :func:`~lowrank_jax.optimizers.loraplus_adamw`);
         ``lorafa`` (``A`` frozen, ``B``'s gradient projected; ``method="lora"`` only,
         :func:`~lowrank_jax.optimizers.lorafa_adamw`); ``allora`` (per-row adaptive rates,
-        :func:`~lowrank_jax.optimizers.allora_adamw`). The LoRA-side rules need adapters with
+        :func:`~lowrank_jax.optimizers.allora_adamw`); ``ggpo`` (LoRA-GGPO: AdamW, and in each
+        training forward the adapted weights get Gaussian noise per output unit scaled by
+        their weight and gradient norms, :func:`~lowrank_jax.transforms.lora_ggpo` and
+        :func:`~lowrank_jax.transforms.ggpo_perturb`, sigma 0.03, beta 0.01; float bases
+        only). The LoRA-side rules need adapters with
         ``A``/``B`` factors (lora, dora, pissa, olora, ...).
       eval_every: evaluate every this many steps (``0``: at the end only).
       eval_generate: greedy replies to this many held-out prompts at each evaluation.
@@ -210,6 +216,11 @@ class FinetuneConfig:
                 f"--adapter-optimizer must be one of {', '.join(ADAPTER_OPTIMIZERS)}, got "
                 f"{self.adapter_optimizer!r}"
             )
+        if self.adapter_optimizer == "ggpo" and self.quantize_base:
+            raise ConfigError(
+                "--adapter-optimizer ggpo perturbs the frozen base weights in the forward; "
+                "it needs a float base, not --quantize-base"
+            )
         if self.adapter_optimizer == "lorafa" and self.method != "lora":
             raise ConfigError(
                 "--adapter-optimizer lorafa freezes LoRA's A and rescales B's gradient by "
@@ -280,9 +291,23 @@ def _adapter_factory(cfg: FinetuneConfig) -> reparam.Reparam:
         raise ConfigError(f"--opt for {cfg.method}: {err}") from None
 
 
-def _adapter_optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
-    """``cfg.adapter_optimizer`` over the adapter tree (no weight decay, as before)."""
+def _adapter_optimizer(cfg: FinetuneConfig, schedule: Any, model: Any = None) -> Any:
+    """``cfg.adapter_optimizer`` over the adapter tree (no weight decay, as before); ``model``
+    (the wrapped model) gives LoRA-GGPO its scale and the base weights' mean row norms."""
     from lowrank_jax import optimizers
+
+    if cfg.adapter_optimizer == "ggpo":
+        from lowrank_jax import transforms
+
+        sites = _ggpo_sites(model)
+        norms = {site: float(jnp.mean(jnp.linalg.norm(base.value.astype(jnp.float32), axis=-2)))
+                 for site, (_, base) in sites.items()}  # fmt: skip
+        return transforms.lora_ggpo(
+            optax.adamw(schedule, weight_decay=0.0),
+            scaling={site: layer.site.method.scale for site, (layer, _) in sites.items()},
+            base_row_norms=norms,
+            seed=cfg.seed,
+        )
 
     if cfg.adapter_optimizer == "loraplus":
         return optimizers.loraplus_adamw(schedule)
@@ -292,6 +317,37 @@ def _adapter_optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
     if cfg.adapter_optimizer == "allora":
         return optimizers.allora_adamw(schedule)
     return optax.adamw(schedule, weight_decay=0.0)
+
+
+def _ggpo_sites(model: Any) -> dict[str, tuple[Any, Any]]:
+    """``{adapter site: (adapted layer, its frozen base kernel variable)}`` of a wrapped model;
+    the site is the adapter's path as LoRA-GGPO keys it (``.../q_proj/adapter``).
+
+    Raises:
+      ConfigError: an adapter without ``A``/``B`` factors or a base without a float kernel.
+    """
+    from lowrank_jax.reparam.nnx import Adapted
+
+    sites = {}
+    for path, layer in nnx.iter_graph(model):
+        if not isinstance(layer, Adapted):
+            continue
+        base = getattr(getattr(layer, "base", None), "kernel", None)
+        plain = (
+            base is not None
+            and jnp.issubdtype(base.value.dtype, jnp.floating)
+            and base.value.ndim == 2
+            and hasattr(layer.site.method, "scale")
+        )
+        if not plain:
+            raise ConfigError(
+                "--adapter-optimizer ggpo needs LoRA-style adapters (A, B and a scale) on "
+                f"float (in, out) kernels; {'/'.join(str(p) for p in path)} is not one"
+            )
+        sites["/".join(str(p) for p in path) + "/adapter"] = (layer, base)
+    if not sites:
+        raise ConfigError("--adapter-optimizer ggpo: the model has no adapted layers")
+    return sites
 
 
 def _optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
@@ -352,7 +408,9 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
     evaluates, dropout off.
     """
 
-    def forward(trainable: Any, rest: tuple, batch: dict, key: Any) -> tuple[jax.Array, jax.Array]:
+    def forward(
+        trainable: Any, rest: tuple, batch: dict, key: Any, noise: Any = None
+    ) -> tuple[jax.Array, jax.Array]:
         rngs, frozen = rest
         if key is not None:  # fresh dropout keys (a different one per stream), counts at 0
             leaves, tree = jax.tree.flatten(rngs)
@@ -363,6 +421,8 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
                 for i, x in enumerate(leaves)
             ]
             rngs = jax.tree.unflatten(tree, leaves)
+        if key is not None and noise is not None:  # LoRA-GGPO: noisy base weights
+            frozen = _ggpo_perturb(frozen, noise)
         model = nnx.merge(graph, trainable, rngs, frozen)
         if key is None:
             model.eval()
@@ -373,13 +433,60 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
         mask = batch["loss_mask"].astype(jnp.float32)
         return jnp.sum(nll * mask), jnp.sum(mask)
 
-    def loss(trainable: Any, batch: dict, rest: Any, key: jax.Array) -> tuple:
-        return forward(trainable, rest, batch, key)
+    def loss(trainable: Any, batch: dict, rest: Any, key: jax.Array, noise: Any = None) -> tuple:
+        return forward(trainable, rest, batch, key, noise)
 
     def summed(trainable: Any, rest: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
         return forward(trainable, rest, batch, None)
 
     return loss, summed
+
+
+def _ggpo_perturb(frozen: Any, noise: Any) -> dict:
+    """``frozen`` (the wrapped model's non-trained state) as a plain dict with LoRA-GGPO's
+    noise added to the base kernel of every adapted layer, for one training forward.
+    ``noise`` is the :class:`~lowrank_jax.transforms.GGPOState` (norms, key and step; no
+    inner state); its sites are the adapters' paths (``.../q_proj/adapter``), whose base
+    kernels are at ``.../q_proj/base/kernel``."""
+    from lowrank_jax import transforms
+
+    frozen = nnx.to_pure_dict(frozen) if isinstance(frozen, nnx.State) else frozen
+    nested: dict = {}
+    for site in noise.weight_norms:
+        *parents, _ = site.split("/")
+        node, base = nested, frozen
+        for name in parents:
+            node, base = node.setdefault(name, {}), base[_key(base, name)]
+        node["adapter"] = base["base"]["kernel"]
+    noisy = transforms.ggpo_perturb(nested, noise, sigma=GGPO_SIGMA, beta=GGPO_BETA)
+
+    def replace(tree: Any, new: Any) -> Any:
+        if not isinstance(new, dict):
+            return tree
+        out = dict(tree)
+        for name, value in new.items():
+            if name == "adapter":
+                out["base"] = {**out["base"], "kernel": value}
+            else:
+                out[_key(tree, name)] = replace(tree[_key(tree, name)], value)
+        return out
+
+    return replace(frozen, noisy)
+
+
+def _key(tree: dict, name: str) -> Any:
+    """``name`` as ``tree`` spells its key (layer indices are ints in NNX states)."""
+    return int(name) if name not in tree and name.isdigit() else name
+
+
+def _ggpo_noise_state(opt_state: Any) -> Any:
+    """The :class:`~lowrank_jax.transforms.GGPOState` in ``opt_state`` without its inner
+    state, copied (the step donates ``opt_state``): what the next forward's noise needs."""
+    from lowrank_jax.transforms import GGPOState
+
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GGPOState))
+             if isinstance(x, GGPOState)]  # fmt: skip
+    return jax.tree.map(jnp.copy, found[0]._replace(inner_state=None))
 
 
 def _layerwise_loss(batch: dict) -> tuple[tuple, Callable[[jax.Array], jax.Array]]:
@@ -525,9 +632,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         )
         # a copy: the training step donates the adapters' arrays
         initial = jax.tree.map(jnp.copy, reparam.adapters_of(model))
+        tx = _adapter_optimizer(cfg, schedule, model)
         graph, adapters, rngs, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(adapters)
-        tx = _adapter_optimizer(cfg, schedule)
     else:
         graph, params, rngs, frozen = nnx.split(model, nnx.Param, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see
@@ -547,7 +654,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
             None, tx, grad_clip=1.0, schedule=schedule, accum_steps=cfg.accum_steps,
             loss_fn=loss_fn,
         )  # fmt: skip
-        extra = lambda key: (rest, key)
+        ggpo = cfg.adapter and cfg.adapter_optimizer == "ggpo"
+        extra = lambda key: (
+            rest, key, _ggpo_noise_state(train_state.opt_state) if ggpo else None
+        )  # fmt: skip
 
     trainable_params = int(sum(np.size(x) for x in jax.tree.leaves(trainable)))
     state_bytes = memory.state_bytes(tx, trainable)

@@ -51,7 +51,7 @@ def add_finetune_commands(
     ft.add_argument("--seed", type=int, default=0, help="seed of init, split and batches [0]")
     ft.add_argument("--quantize-base", choices=("nf4", "int8"), help="QLoRA: quantized base")
     ft.add_argument("--adapter-optimizer", default="adamw",
-                    help="adamw, loraplus, lorafa (--method lora) or allora [adamw]")  # fmt: skip
+                    help="adamw, loraplus, lorafa (--method lora), allora, ggpo [adamw]")
     ft.add_argument("--eval-every", type=int, default=0, help="steps between evaluations [end]")
     ft.add_argument("--eval-generate", type=int, default=0, metavar="N",
                     help="greedy replies to N held-out prompts per evaluation [0]")  # fmt: skip

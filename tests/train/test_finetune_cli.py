@@ -312,7 +312,7 @@ def test_peft_loads_the_exported_adapter(lora_run, checkpoint):
     np.testing.assert_allclose(theirs, np.asarray(forward(result.model, tokens)), atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["loraplus", "lorafa", "allora"])
+@pytest.mark.parametrize("name", ["loraplus", "lorafa", "allora", "ggpo"])
 def test_lora_side_optimizers_train_the_adapters(checkpoint, tmp_path, name):
     """``--adapter-optimizer``: each LoRA-side rule trains (the loss falls); LoRA-FA leaves
     every ``A`` as initialised and moves only ``B``."""
@@ -345,6 +345,8 @@ def test_adapter_optimizer_errors(checkpoint, tmp_path, capsys):
     assert "goes with --method lora" in err
     err = _error([*base, "--method", "galore", "--adapter-optimizer", "loraplus"], capsys)
     assert "--adapter-optimizer trains adapters" in err
+    err = _error([*base, "--adapter-optimizer", "ggpo", "--quantize-base", "nf4"], capsys)
+    assert "ggpo perturbs the frozen base weights" in err
 
 
 def test_the_summary_has_the_compiled_steps_memory(lora_run):
@@ -408,3 +410,38 @@ def test_layerwise_full_parameter_fine_tuning(checkpoint, tmp_path):
                        ({"accum_steps": 2}, "--layerwise with --accum-steps")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             dataclasses.replace(cfg, **bad).validate()
+
+
+def test_ggpo_noise_perturbs_only_the_adapted_base_weights(checkpoint):
+    """LoRA-GGPO in the fine-tuning forward: each adapted layer's base kernel gets noise of
+    per-output-unit variance sigma^2/n (||W_j||^2 + beta ||grad W_j||^2) (from the optimizer's
+    state), fresh per step; nothing else changes."""
+    from lowrank_jax import reparam
+    from lowrank_jax.models.pretrained import load_pretrained
+    from lowrank_jax.train import finetune as ft
+
+    model, _ = load_pretrained(checkpoint[0], scan_layers=False)
+    cfg = _lora_config(checkpoint, "unused", adapter_optimizer="ggpo")
+    wrapped = reparam.wrap(model, ft._adapter_factory(cfg), key=jax.random.key(0),
+                           rngs=nnx.Rngs(dropout=0))  # fmt: skip
+    tx = ft._adapter_optimizer(cfg, 1e-3, wrapped)
+    _, adapters, _, frozen = nnx.split(wrapped, nnx.LoRAParam, nnx.RngState, ...)
+    state = tx.init(nnx.to_pure_dict(adapters))
+    before = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(frozen))
+    at = lambda t: ft._ggpo_noise_state(state._replace(count=jnp.int32(t)))
+    noisy = [jax.tree_util.tree_leaves_with_path(ft._ggpo_perturb(frozen, at(t))) for t in (0, 1)]
+    sites = {site.rsplit("/", 1)[0] + "/base/kernel": site for site in state.weight_norms}
+    assert len(sites) == 14  # 7 projections x 2 layers
+    seen = 0
+    for (path, old), (_, one), (_, two) in zip(before, *noisy, strict=True):
+        path = "/".join(str(getattr(k, "key", k)) for k in path)
+        if path not in sites:
+            np.testing.assert_array_equal(np.asarray(one), np.asarray(old), err_msg=path)
+            continue
+        seen += 1
+        noise = np.asarray(one, np.float64) - np.asarray(old, np.float64)
+        n = old.shape[0]
+        variance = ft.GGPO_SIGMA**2 / n * np.asarray(state.weight_norms[sites[path]])
+        np.testing.assert_allclose(noise.var(axis=0).mean(), variance.mean(), rtol=0.3)
+        assert not np.allclose(np.asarray(two), np.asarray(one))  # fresh noise each step
+    assert seen == len(sites)
