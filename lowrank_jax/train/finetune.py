@@ -85,7 +85,7 @@ RUN_SHAPING = (
     "val_fraction", "tokenizer", "adapter_optimizer",
 )  # fmt: skip
 # The optimizers of the adapter methods (--adapter-optimizer): AdamW, or a LoRA-side rule on
-# the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA).
+# the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA; LoRA-GGPO).
 ADAPTER_OPTIMIZERS = ("adamw", "loraplus", "lorafa", "allora", "ggpo")
 # LoRA-GGPO's noise scale and gradient weight (the public port's defaults)
 GGPO_SIGMA, GGPO_BETA = 0.03, 0.01
@@ -300,7 +300,7 @@ def _adapter_optimizer(cfg: FinetuneConfig, schedule: Any, model: Any = None) ->
         from lowrank_jax import transforms
 
         sites = _ggpo_sites(model)
-        norms = {site: float(jnp.mean(jnp.linalg.norm(base.value.astype(jnp.float32), axis=-2)))
+        norms = {site: float(jnp.mean(jnp.linalg.norm(base[...].astype(jnp.float32), axis=-2)))
                  for site, (_, base) in sites.items()}  # fmt: skip
         return transforms.lora_ggpo(
             optax.adamw(schedule, weight_decay=0.0),
@@ -335,8 +335,8 @@ def _ggpo_sites(model: Any) -> dict[str, tuple[Any, Any]]:
         base = getattr(getattr(layer, "base", None), "kernel", None)
         plain = (
             base is not None
-            and jnp.issubdtype(base.value.dtype, jnp.floating)
-            and base.value.ndim == 2
+            and jnp.issubdtype(base[...].dtype, jnp.floating)
+            and base[...].ndim == 2
             and hasattr(layer.site.method, "scale")
         )
         if not plain:
