@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 import warnings
@@ -173,6 +174,21 @@ def record_choices() -> Iterator[list[tuple[str, str]]]:
         _CHOSEN.reset(token)
 
 
+def _recorded(choose: Callable) -> Callable:
+    """``choose``, also appending each Pallas pick to the :func:`record_choices` list."""
+
+    @functools.wraps(choose)
+    def recorded(kernel: str, *args: Any, **kwargs: Any) -> tuple[str, bool] | None:
+        plan = choose(kernel, *args, **kwargs)
+        chosen = _CHOSEN.get()
+        if plan is not None and chosen is not None:
+            chosen.append((kernel, plan[0]))
+        return plan
+
+    return recorded
+
+
+@_recorded
 def choose(
     kernel: str,
     mode: str | None,
@@ -200,22 +216,6 @@ def choose(
       ValueError: a forced Pallas mode with unsupported arguments, or ``"pallas"`` without a
         GPU/TPU.
     """
-    plan = _choose(kernel, mode, supported, free_layout, size, probe, auto_targets)
-    chosen = _CHOSEN.get()
-    if plan is not None and chosen is not None:
-        chosen.append((kernel, plan[0]))
-    return plan
-
-
-def _choose(
-    kernel: str,
-    mode: str | None,
-    supported: str | None,
-    free_layout: Callable[[str], bool],
-    size: int,
-    probe: Callable[[str], bool],
-    auto_targets: tuple[str, ...],
-) -> tuple[str, bool] | None:
     mode = _check_mode(current_mode() if mode is None else mode, kernel)
     if mode == "reference":
         return None
