@@ -126,39 +126,37 @@ def build_ours(args: argparse.Namespace, method: str) -> Callable[[np.ndarray], 
 
 def _lora_step(model, rank: int) -> Callable[[np.ndarray], float]:
     """The adapter step as ``lowrank-jax finetune`` trains it: ``reparam.wrap`` (``x@W +
-    s·(x@A)@B``, no ``ΔW``), gradients of the adapters only, clipped, AdamW; jitted, donated."""
+    s·(x@A)@B``, no ``ΔW``), the frozen base passed as an argument (not baked into the program
+    as constants), gradients of the adapters only, clipped, AdamW, the non-finite guard
+    (``make_train_step(loss_fn=...)``); jitted, state donated."""
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
     from lowrank_jax import reparam
-    from lowrank_jax.train.step import cross_entropy
+    from lowrank_jax.train.step import TrainState, make_train_step
 
     model = reparam.wrap(
         model, reparam.lora(rank=rank, alpha=2 * rank), key=jax.random.key(0), rngs=nnx.Rngs(0)
     )
     graph, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
     trainable = nnx.to_pure_dict(adapters)
-    tx = optax.chain(
-        optax.clip_by_global_norm(GRAD_CLIP), optax.adamw(LEARNING_RATE, weight_decay=0)
-    )
+    tx = optax.adamw(LEARNING_RATE, weight_decay=0)
 
-    def loss_fn(trainable, batch):
+    def loss_fn(trainable, batch, rest):
         logits = nnx.merge(graph, trainable, rest)(batch[:, :-1])
-        return cross_entropy(logits, batch[:, 1:])
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch[:, 1:]
+        )
+        return jnp.sum(losses), jnp.float32(losses.size)
 
-    def step(trainable, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, batch)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    step = jax.jit(step, donate_argnums=(0, 1))
-    holder = [trainable, tx.init(trainable)]
+    step = make_train_step(None, tx, grad_clip=GRAD_CLIP, loss_fn=loss_fn)
+    holder = [TrainState(jnp.int32(0), trainable, tx.init(trainable))]
 
     def run(batch: np.ndarray) -> float:
-        holder[0], holder[1], loss = step(holder[0], holder[1], jnp.asarray(batch))
-        return float(loss)
+        holder[0], metrics = step(holder[0], jnp.asarray(batch), rest)
+        return float(metrics["loss"])
 
     return run
 
