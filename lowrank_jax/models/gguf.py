@@ -9,7 +9,9 @@ Gemma's norm weights, stored as ``1 + w``, get their 1 back. Hyperparameters lla
 instead of storing follow llama.cpp: Gemma 3's local rotary base 10000 and every-sixth-layer
 global pattern (unless the file states one), the attention scale ``head_dim ** -0.5`` except
 ``hidden / heads`` for the 27B models. A GGUF stores no sliding window for Qwen2/Qwen3 (every
-released checkpoint has ``use_sliding_window: false``): their layers attend fully.
+released checkpoint has ``use_sliding_window: false``): their layers attend fully. LLaMA
+3.1-3.3 files carry their rotary scaling as per-frequency factors (``rope_freqs``), read back
+as HF's ``llama3`` rope parameters.
 
 The tokenizer (:func:`gguf_tokenizer`) is rebuilt from ``tokenizer.ggml.*`` for byte-level BPE
 vocabularies (``tokenizer.ggml.model == "gpt2"``), with the pre-tokenizer llama.cpp uses for
@@ -86,7 +88,8 @@ def gguf_config(path_or_reader: Any, **overrides: Any) -> LlamaConfig:
 
     Raises:
       UnsupportedCheckpointError: another architecture, per-layer head counts, a partial or
-        YaRN/LLaMA-3.1 (``rope_freqs``) rotary scaling.
+        YaRN rotary scaling, or ``rope_freqs`` that are not LLaMA 3's scaling (LLaMA 3.1-3.3's
+        are read as HF's ``llama3`` rope parameters).
     """
     reader = open_gguf(path_or_reader)
     arch = _architecture(reader)
@@ -104,11 +107,6 @@ def gguf_config(path_or_reader: Any, **overrides: Any) -> LlamaConfig:
         raise UnsupportedCheckpointError("key_length != value_length is not supported.")
     if get("rope.dimension_count", head_dim) != head_dim:
         raise UnsupportedCheckpointError("a partial rotary dimension is not supported.")
-    if "rope_freqs.weight" in tensors:
-        raise UnsupportedCheckpointError(
-            "rope_freqs (LLaMA 3.1-style frequency factors) in a GGUF is not supported; "
-            "load the HF checkpoint instead."
-        )
     hf: dict[str, Any] = dict(
         model_type=ARCHITECTURES[arch],
         vocab_size=int(tensors["token_embd.weight"].shape[-1]),
@@ -124,13 +122,81 @@ def gguf_config(path_or_reader: Any, **overrides: Any) -> LlamaConfig:
         rope_theta=float(get("rope.freq_base", 1e6 if arch == "gemma3" else 1e4)),
     )
     scaling = get("rope.scaling.type", "none")
-    if scaling == "linear":
+    if "rope_freqs.weight" in tensors:
+        if scaling != "none":
+            raise UnsupportedCheckpointError(
+                f"rope_freqs together with rope scaling {scaling!r} is not supported."
+            )
+        factors = tensors["rope_freqs.weight"]
+        hf["rope_scaling"] = _llama3_scaling(factors, hf["rope_theta"], head_dim)
+    elif scaling == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif scaling != "none":
         raise UnsupportedCheckpointError(f"GGUF rope scaling {scaling!r} is not supported.")
     if arch in _GEMMA:
         hf.update(_gemma_settings(arch, get, hidden, int(heads), head_dim, layers))
     return config_from_hf(hf, **overrides)
+
+
+# LLaMA 3.1-3.3's rotary scaling constants besides the factor: convert_hf_to_gguf.py stores only
+# the per-frequency factors they produce (the rope_freqs tensor), not the constants.
+_LLAMA3_ROPE = dict(
+    low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+
+
+def _llama3_scaling(tensor: Any, theta: float, head_dim: int) -> dict:
+    """HF's ``llama3`` rope parameters behind a GGUF's ``rope_freqs`` tensor: llama.cpp divides
+    each rotary frequency by its factor, as HF's ``llama3`` rescaling does. The factor is the
+    largest one; the other constants are LLaMA 3's, checked against every factor.
+
+    Raises:
+      UnsupportedCheckpointError: factors that LLaMA 3's scaling does not produce.
+    """
+    from lowrank_jax.models.config import rope_frequencies
+
+    gguf = _gguf()
+    factors = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+    factors = factors.reshape(-1)
+    if factors.shape != (head_dim // 2,):
+        raise UnsupportedCheckpointError(
+            f"rope_freqs has {factors.size} factors; head_dim {head_dim} needs {head_dim // 2}."
+        )
+    unscaled = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    factor = _llama3_factor(factors, 2 * np.pi / unscaled)
+    scaling = {"rope_type": "llama3", "factor": factor, **_LLAMA3_ROPE}
+    probe = LlamaConfig(hidden_size=head_dim, num_heads=1, head_dim=head_dim, rope_theta=theta,
+                        rope_scaling=tuple(scaling.items()))  # fmt: skip
+    expected = unscaled / rope_frequencies(probe).astype(np.float64)
+    if not np.allclose(expected, factors, rtol=1e-4):
+        raise UnsupportedCheckpointError(
+            "rope_freqs are not LLaMA 3's rotary scaling (factor "
+            f"{scaling['factor']:g}, low/high frequency factors 1 and 4, original context "
+            "8192); load the HF checkpoint instead."
+        )
+    return scaling
+
+
+def _llama3_factor(factors: np.ndarray, wavelengths: np.ndarray) -> float:
+    """LLaMA 3's ``factor`` from the divisors: that of a wavelength above the original context
+    (divided by ``factor`` itself), else solved from one in the smoothed band, where the
+    divisor is ``1 / ((1 - s) / factor + s)``; 1 when every wavelength is short. Either way
+    the caller checks every divisor against the result."""
+    original = _LLAMA3_ROPE["original_max_position_embeddings"]
+    low, high = _LLAMA3_ROPE["low_freq_factor"], _LLAMA3_ROPE["high_freq_factor"]
+    long = wavelengths > original / low
+    if long.any():
+        return _significant(factors[long][0])
+    smooth = (original / wavelengths - low) / (high - low)
+    for f, s in zip(factors, smooth):
+        if 0 <= s < 1 and abs(1 / f - s) > 1e-9:
+            return _significant((1 - s) / (1 / f - s))
+    return 1.0
+
+
+def _significant(x: float) -> float:
+    """``x`` to 6 significant digits: the float32 divisors' round-off off the factor."""
+    return float(f"{float(x):.6g}")
 
 
 def _gemma_settings(arch: str, get: Any, hidden: int, heads: int, head_dim: int, layers: int):
@@ -227,7 +293,8 @@ def load_gguf(path: Any, **overrides: Any) -> Llama:
     missing = [name for _, _, name, _ in names if name not in tensors]
     if missing:
         raise UnsupportedCheckpointError(f"{reader.data.filename} has no tensor {missing[0]!r}.")
-    extra = sorted(set(tensors) - {name for _, _, name, _ in names})
+    # rope_freqs: LLaMA 3's rotary factors, read into the config (gguf_config)
+    extra = sorted(set(tensors) - {name for _, _, name, _ in names} - {"rope_freqs.weight"})
     if extra:
         raise UnsupportedCheckpointError(
             f"{reader.data.filename} has tensors this {arch} model does not use: {extra[:5]}"

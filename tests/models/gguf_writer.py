@@ -41,6 +41,28 @@ def _permute(weight, heads):
     )
 
 
+def _llama3_factors(rope, head_dim):
+    """The per-frequency divisors convert_hf_to_gguf.py writes for LLaMA 3.1's rope scaling:
+    1 for wavelengths under original / high, ``factor`` over original / low, and between them
+    ``1 / ((1 - s) / factor + s)`` with ``s = (original / wavelength - low) / (high - low)``."""
+    import math
+
+    theta = float(rope.get("rope_theta", 10000.0))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < original / high:
+            out.append(1.0)
+        elif wavelength > original / low:
+            out.append(factor)
+        else:
+            s = (original / wavelength - low) / (high - low)
+            out.append(1.0 / ((1 - s) / factor + s))
+    return np.asarray(out, np.float32)
+
+
 def _tensors(checkpoint, hf):
     tensors = {}
     for file in sorted(os.listdir(checkpoint)):
@@ -77,6 +99,8 @@ def convert(checkpoint, out, *, tokenizer_json=None, chat_template=None, quantiz
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_factors(rope, head_dim))
     if gemma:
         writer.add_sliding_window(hf["sliding_window"])
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in hf["layer_types"]])

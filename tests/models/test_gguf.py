@@ -53,6 +53,42 @@ def test_float_gguf_loads_the_same_model(tmp_path, name):
     assert scanned.layers.attn.q_proj.kernel[...].dtype == jnp.bfloat16
 
 
+LLAMA3_ROPE = (("rope_type", "llama3"), ("factor", 8.0), ("low_freq_factor", 1.0),
+               ("high_freq_factor", 4.0), ("original_max_position_embeddings", 8192))  # fmt: skip
+
+
+def test_llama3_rope_freqs_load_as_llama3_scaling(tmp_path):
+    """A LLaMA 3.1-style file stores its rotary scaling as per-frequency factors (rope_freqs,
+    written here as convert_hf_to_gguf.py does): read back as HF's llama3 parameters, with the
+    original model's logits. head_dim 16 at base 1e4 puts frequencies in all three bands."""
+    model = _checkpoint(tmp_path, "llama_bias", qkv_bias=False, o_bias=False, mlp_bias=False,
+                        rope_scaling=LLAMA3_ROPE)  # fmt: skip
+    path = convert(tmp_path / "hf", tmp_path / "r.gguf")
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    loaded = load_gguf(path)
+    assert dict(loaded.config.rope_scaling) == dict(LLAMA3_ROPE)
+    positions = jnp.asarray(np.arange(12)[None] * 900)  # long distances, where scaling matters
+    logits = lambda m: np.asarray(m(TOKENS[:1], positions))
+    np.testing.assert_allclose(logits(loaded), logits(model), atol=1e-5)
+    plain = load_gguf(convert(tmp_path / "hf", tmp_path / "p.gguf"), rope_scaling=None)
+    assert np.abs(logits(plain) - logits(model)).max() > 1e-3  # the scaling is not a no-op
+
+
+def test_rope_freqs_that_are_not_llama3s_are_refused(tmp_path):
+    from tests.models import gguf_writer
+
+    _checkpoint(tmp_path, "llama_bias", qkv_bias=False, o_bias=False, mlp_bias=False,
+                rope_scaling=LLAMA3_ROPE)  # fmt: skip
+    real = gguf_writer._llama3_factors
+    try:
+        gguf_writer._llama3_factors = lambda rope, dim: real(rope, dim) * 1.5
+        path = convert(tmp_path / "hf", tmp_path / "bad.gguf")
+    finally:
+        gguf_writer._llama3_factors = real
+    with pytest.raises(UnsupportedCheckpointError, match="rope_freqs are not LLaMA 3's"):
+        load_gguf(path)
+
+
 def test_q8_0_tensors_dequantize_exactly(tmp_path):
     model = _checkpoint(tmp_path, "qwen3")
     path = convert(tmp_path / "hf", tmp_path / "q8.gguf", quantize=True)
@@ -199,3 +235,17 @@ def test_load_pretrained_reads_directories_and_gguf_files(tmp_path):
     assert replaced.chat_template == CHATML
     with pytest.raises(UnsupportedCheckpointError, match="not a local checkpoint directory"):
         load_pretrained("no/such/checkpoint")  # an invalid hub id: fails before any network
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_factor_of_real_shapes(factor):
+    """LLaMA 3.1 (factor 8) and 3.2 (factor 32) shapes: head_dim 128, base 500000, whose
+    longest wavelengths exceed the original context (the factor read directly)."""
+    from lowrank_jax.models.gguf import _llama3_factor
+    from tests.models.gguf_writer import _llama3_factors
+
+    rope = dict(dict(LLAMA3_ROPE), factor=factor, rope_theta=500000.0)
+    divisors = _llama3_factors(rope, 128).astype(np.float64)
+    wavelengths = 2 * np.pi * 500000.0 ** (np.arange(0, 128, 2) / 128)
+    assert _llama3_factor(divisors, wavelengths) == factor
+    assert _llama3_factor(divisors[:40], wavelengths[:40]) == pytest.approx(factor)  # no long
