@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -67,6 +68,9 @@ from lowrank_jax.train.step import cross_entropy, warmup_cosine
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 METHODS = ("full", "galore", "lora", "dora", "pissa")
+# More of the LoRA family (--methods ...): trained like LoRA (AdamW on the adapters' trainable
+# arrays), at LoRA's learning rate (not swept); rank r, alpha r where the method has one.
+FAMILY = ("wegeft", "lamda", "loldu", "randlora", "miss", "hydra", "vera", "lora_xs")
 
 # Standard-library modules (single files in Python 3.10-3.13), in this order.
 PYTHON_MODULES = (
@@ -185,8 +189,12 @@ def setup(name: str, params: dict, rank: int, gap: int, schedule: Any, seed: int
             tx = galore_adamw(schedule, rank=rank, update_proj_gap=gap, scale=GALORE_SCALE,
                               seed=seed)  # fmt: skip
         return jax.tree.map(jnp.copy, params), None, tx, lambda trainable, _: trainable
-    make = {"lora": reparam.lora, "dora": reparam.dora, "pissa": reparam.pissa}[name]
-    base, adapters = jax.jit(make(rank=rank, alpha=rank).init)(jax.random.key(seed), params)
+    make = getattr(reparam, name)
+    accepted = inspect.signature(make).parameters
+    options = {next(iter(accepted)): rank}  # rank, or Hydra's parallel_rank: the adapter size
+    if "alpha" in accepted:
+        options["alpha"] = rank
+    base, adapters = jax.jit(make(**options).init)(jax.random.key(seed), params)
 
     def effective(trainable: Any, context: tuple) -> Any:
         base, adapters = context
@@ -285,7 +293,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="llama_tiny smoke sizes")
     parser.add_argument("--pretrained", help="a training run directory to reuse or create "
                         "(default: runs/finetune/<model>-kjv-<steps>)")  # fmt: skip
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + FAMILY, default=list(METHODS),
+                        help="the methods to run (FAMILY ones at LoRA's rate)")  # fmt: skip
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="override LEARNING_RATES, e.g. --lr full=3e-4 lora=1e-3")  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="run SWEEP_GRID for every method")
@@ -303,10 +312,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     label = "tiny" if args.tiny else "default"
     size = {k: getattr(args, k) or v for k, v in SIZES[label].items()}
     rates = dict(LEARNING_RATES[label])
+    rates.update({name: rates["lora"] for name in FAMILY})
     for item in args.lr:
         name, _, value = item.partition("=")
-        if name not in METHODS:
-            raise SystemExit(f"--lr {item}: the method must be one of {METHODS}")
+        if name not in METHODS + FAMILY:
+            raise SystemExit(f"--lr {item}: the method must be one of {METHODS + FAMILY}")
         rates[name] = float(value)
     run_dir = args.pretrained or os.path.join(
         "runs", "finetune", f"{size['model']}-kjv-{size['pretrain_steps']}"

@@ -60,3 +60,21 @@ def test_finetune_experiment_tiny(tmp_path, capsys):
     assert len(lines) == 3 + len(finetune.METHODS)
     assert all(line.count("|") == 8 for line in lines)
     assert lines[2].startswith("| pretrained")
+
+
+def test_finetune_experiment_runs_the_lora_family(tmp_path):
+    """``--methods`` takes the rest of the family (:data:`FAMILY`), at LoRA's learning rate:
+    each row trains (the held-out loss falls) and counts its own trainable arrays."""
+    from experiments import finetune
+
+    out = tmp_path / "family.json"
+    saved = finetune.main(["--tiny", "--pretrained", str(tmp_path / "pre"), "--out", str(out),
+                           "--methods", "lora", "wegeft", "loldu"])  # fmt: skip
+    rows = saved["methods"]
+    assert list(rows) == ["lora", "wegeft", "loldu"]
+    for name, row in rows.items():
+        assert row["lr"] == finetune.LEARNING_RATES["tiny"]["lora"], name
+        assert row["val_loss_after"] < row["val_loss_before"], name
+    # LoLDU trains a diagonal and a scale per matrix: far fewer values than LoRA's factors
+    assert 0 < rows["loldu"]["trainable_params"] < rows["lora"]["trainable_params"] / 50
+    assert json.loads(out.read_text())["methods"].keys() == rows.keys()
