@@ -49,7 +49,7 @@ otherwise). Writes
 ``experiments/results/finetune_real.json`` (the command, settings, data description, rows)
 and prints a markdown table.
 
-    python experiments/finetune_real.py                # all eight methods (~35 min on 2 cores)
+    python experiments/finetune_real.py      # all eight methods (~45 min, shared 2-core CPU)
     python experiments/finetune_real.py --methods lora,qlora --steps 20
     python experiments/finetune_real.py --quick --model DIR   # tiny smoke settings (the test)
 """
