@@ -123,6 +123,8 @@ def test_matrix_tiles_fall_back_to_rows():
     assert adam_8bit._matrix_tile((4, 64, 512), BLOCK, "tpu", None) is None
     assert adam_8bit._matrix_tile((300, 512), BLOCK, "tpu", None) is None  # no tile divides 300
     assert adam_8bit._matrix_tile((32000, 512), BLOCK, "tpu", None) == 256
+    assert adam_8bit._matrix_tile((32000, 2048), BLOCK, "tpu", None) == 256
+    assert adam_8bit._matrix_tile((32000, 4096), BLOCK, "tpu", None) is None  # 7B: rows
 
 
 def test_dispatcher_on_cpu_uses_the_reference():
