@@ -317,6 +317,30 @@ class ProjectedCore:
         count, lowrank_state = state.count, state.lowrank_state
         refresh = count % self.update_proj_gap == 0
         guard = _guard.current()  # the train step's non-finite guard, applied here (_guard)
+        full_tree = treedef.unflatten([MaskedNode() if p else g for p, g in zip(plans, leaves)])
+        full_params = (
+            None
+            if params is None
+            else treedef.unflatten(
+                [MaskedNode() if p else x for p, x in zip(plans, treedef.flatten_up_to(params))]
+            )
+        )
+        full_step = lambda: self.inner.update(
+            full_tree, state.fullrank_state, full_params, **extra_args
+        )
+        # Under the guard each inner update is guarded on its own (the low-rank one in a cond;
+        # the full-shape one as the platform keeps it in place, _guard.elementwise), and the
+        # projected-back updates are computed outside any cond, so they reuse the gradients'
+        # buffers. The full-shape update comes first (see _guard.elementwise's ``then``).
+        if guard is None:
+            full_updates, fullrank_state = full_step()
+        else:
+            targeted = [i for i, p in enumerate(plans) if p]
+            full_updates, fullrank_state, held = _guard.elementwise(
+                guard, full_step, state.fullrank_state, then=[grads[i] for i in targeted]
+            )
+            for i, g in zip(targeted, held, strict=True):
+                grads[i] = g
         if guard is not None:
             refresh = refresh & guard.finite
         refresh_key = jax.random.fold_in(wrap_key(state.key), count)
@@ -375,26 +399,6 @@ class ProjectedCore:
         )
         low_updates, lowrank_state = (
             low_step() if guard is None else _guard.cond(guard, low_step, lowrank_state)
-        )
-        full_tree = treedef.unflatten([MaskedNode() if p else g for p, g in zip(plans, leaves)])
-        full_params = (
-            None
-            if params is None
-            else treedef.unflatten(
-                [MaskedNode() if p else x for p, x in zip(plans, treedef.flatten_up_to(params))]
-            )
-        )
-        full_step = lambda: self.inner.update(
-            full_tree, state.fullrank_state, full_params, **extra_args
-        )
-        # Under the guard each inner update is guarded on its own (the low-rank one in a cond;
-        # the full-shape one as the platform keeps it in place, _guard.elementwise), and the
-        # projected-back updates are computed outside any cond, so they reuse the gradients'
-        # buffers.
-        full_updates, fullrank_state = (
-            full_step()
-            if guard is None
-            else _guard.elementwise(guard, full_step, state.fullrank_state)
         )
         aux_in = [None] * len(plans) if aux is None else treedef.flatten_up_to(getattr(state, aux))
         out, aux_out = [], []

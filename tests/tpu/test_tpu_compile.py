@@ -78,18 +78,24 @@ def test_sharded_steps_compile_on_multi_chip_topologies(target, mesh, optimizer)
     assert layerwise.compiled.peak_bytes > 0
 
 
-def test_galores_peak_is_below_adamws_by_the_state_it_saves_on_a_v5e_chip():
-    """llama_1b, bf16, 1 x 256 (the paper's token batch), one v5e chip: GaLore's step did not
-    compile for this target before (over 10 minutes with svd); its state saving must reach the
-    compiled peak. (At llama_60m it does not yet: GaLore's temporaries there exceed AdamW's by
-    more than the 69 MB of state it saves.)"""
-    kw = dict(batch_size=1, seq_len=256, dtype="bfloat16", target="tpu-v5e", rank=512)
-    adamw = plan_memory("llama_1b", "adamw", **kw)
-    galore = plan_memory("llama_1b", "galore", **kw)
+@pytest.mark.parametrize(
+    "model, rank, seconds", [("llama_60m", 128, 60), ("llama_1b", 512, 180)]
+)
+def test_galores_peak_is_below_adamws_by_the_state_it_saves_on_a_v5e_chip(model, rank, seconds):
+    """bf16, 1 x 256 (the paper's token batch), one v5e chip, the default non-finite guard:
+    GaLore's state saving must reach the compiled peak. At ``llama_1b`` the step did not
+    compile for this target before (over 10 minutes with svd); at ``llama_60m`` the guard kept
+    the embedding's gradient alive through the projected-back updates (73% of the saving
+    reached the peak) until ``_guard.elementwise`` ordered the untargeted leaves' update
+    first. The compile bound is the issue's (30 s at 60M on a quiet host; 60 s here for
+    a loaded CI machine) and 3 minutes at 1B."""
+    kw = dict(batch_size=1, seq_len=256, dtype="bfloat16", target="tpu-v5e", rank=rank)
+    adamw = plan_memory(model, "adamw", **kw)
+    galore = plan_memory(model, "galore", **kw)
     saved_state = adamw.state_bytes - galore.state_bytes
     saved_peak = adamw.compiled.peak_bytes - galore.compiled.peak_bytes
     assert saved_peak >= 0.9 * saved_state, (saved_peak, saved_state)
-    assert galore.compile_seconds < 180  # the issue's bound for llama_1b
+    assert galore.compile_seconds < seconds
 
 
 def test_the_pallas_kernels_compile_with_mosaic_for_a_v5e_chip():

@@ -148,13 +148,17 @@ def test_an_update_running_an_in_place_kernel_is_guarded_by_a_cond(mode):
 
     def guarded(finite):
         guard = _guard.Guard(finite)
-        return _guard.elementwise(guard, lambda: tx.update(params, state, params), state)
+        step = lambda: tx.update(params, state, params)
+        updates, kept, _ = _guard.elementwise(guard, step, state, then=params)
+        return updates, kept
 
     with K.kernel_mode(mode):
         jaxpr = str(jax.make_jaxpr(guarded)(jnp.bool_(True)))
     assert ("pallas_call" in jaxpr) == (mode == "interpret")
     assert ("platform_index" in jaxpr) == (mode == "reference"), jaxpr[:400]
     assert "cond" in jaxpr
+    # the projected leaves' gradients wait for the update, except after a kernel (docstring)
+    assert ("optimization_barrier" in jaxpr) == (mode == "reference")
     with K.kernel_mode(mode):  # and a skipped step keeps the state
         updates, kept = jax.jit(guarded)(jnp.bool_(False))
     jax.tree.map(np.testing.assert_array_equal, kept, state)
