@@ -432,13 +432,37 @@ def _describe(tx: Any) -> str:
 def _jit(step: Callable, state_sharding: Any, batch_sharding: Any) -> Callable:
     if state_sharding is None:
         return jax.jit(step, donate_argnums=(0,))
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
-        step,
-        donate_argnums=(0,),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
-    )
+    return _ShardedStep(step, state_sharding, batch_sharding)
+
+
+class _ShardedStep:
+    """``step`` jitted with the state's and the batch's shardings (the state donated, the
+    metrics replicated). Its ``extra`` arguments (``loss_fn``'s frozen base, a dropout key)
+    keep the shardings they come with: one ``jax.jit`` per number of them, as ``jax.jit``
+    needs one ``in_shardings`` entry per argument. ``lower`` as a ``jax.jit``'s."""
+
+    def __init__(self, step: Callable, state_sharding: Any, batch_sharding: Any):
+        self._step, self._state, self._batch = step, state_sharding, batch_sharding
+        self._jitted: dict[int, Callable] = {}
+
+    def _for(self, n_extra: int) -> Any:
+        if n_extra not in self._jitted:
+            replicated = jax.sharding.NamedSharding(
+                self._batch.mesh, jax.sharding.PartitionSpec()
+            )
+            self._jitted[n_extra] = jax.jit(
+                self._step,
+                donate_argnums=(0,),
+                in_shardings=(self._state, self._batch, *(None,) * n_extra),  # None: its own
+                out_shardings=(self._state, replicated),
+            )
+        return self._jitted[n_extra]
+
+    def __call__(self, state: TrainState, batch: Any, *extra: Any) -> tuple[TrainState, dict]:
+        return self._for(len(extra))(state, batch, *extra)
+
+    def lower(self, state: Any, batch: Any, *extra: Any) -> Any:
+        return self._for(len(extra)).lower(state, batch, *extra)
 
 
 def make_eval_step(

@@ -252,6 +252,34 @@ def test_a_custom_losss_non_finite_step_is_skipped():
                  (before.params, before.opt_state))  # fmt: skip
 
 
+def test_a_sharded_custom_loss_step_takes_extra_arguments_with_their_own_shardings():
+    """With ``state_sharding`` the step pins the state's and the batch's shardings; the
+    ``extra`` arguments of ``loss_fn`` keep theirs (``jax.jit`` needs an ``in_shardings``
+    entry per argument: the step used to give two, so any extra argument failed)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    tx = optax.sgd(0.5)  # plain SGD: the sharded and the plain step agree to rounding
+    graphdef, state = _setup(tx)
+    mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+    batch_sharding = NamedSharding(mesh, P("fsdp"))
+    step = make_train_step(None, tx, loss_fn=_masked_loss(graphdef),
+                           state_sharding=state_sharding, batch_sharding=batch_sharding)  # fmt: skip
+    plain = make_train_step(None, tx, loss_fn=_masked_loss(graphdef))
+    batch = _masked_batch()
+    scale = jax.device_put(jnp.float32(1.0), NamedSharding(mesh, P()))
+    expected, m_plain = plain(jax.tree.map(jnp.copy, state), batch, jnp.float32(1.0))
+    sharded = jax.device_put(jax.tree.map(jnp.copy, state), state_sharding)
+    lowered = step.lower(sharded, jax.device_put(batch, batch_sharding), scale)
+    assert lowered.compile().input_shardings[0][2] == scale.sharding
+    after, metrics = step(sharded, jax.device_put(batch, batch_sharding), scale)
+    assert float(metrics["loss"]) == pytest.approx(float(m_plain["loss"]), rel=1e-5)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, after.params, expected.params)
+    assert after.params["lm_head"]["kernel"].sharding == NamedSharding(mesh, P())
+
+
 def test_a_custom_loss_is_refused_by_the_layerwise_step():
     graphdef, _ = _setup(optax.adamw(1e-3))
     with pytest.raises(ValueError, match="layerwise=True runs .* not loss_fn"):
