@@ -264,8 +264,10 @@ def test_a_sharded_custom_loss_step_takes_extra_arguments_with_their_own_shardin
     mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
     batch_sharding = NamedSharding(mesh, P("fsdp"))
-    step = make_train_step(None, tx, loss_fn=_masked_loss(graphdef),
-                           state_sharding=state_sharding, batch_sharding=batch_sharding)  # fmt: skip
+    step = make_train_step(
+        None, tx, loss_fn=_masked_loss(graphdef), state_sharding=state_sharding,
+        batch_sharding=batch_sharding,
+    )  # fmt: skip
     plain = make_train_step(None, tx, loss_fn=_masked_loss(graphdef))
     batch = _masked_batch()
     scale = jax.device_put(jnp.float32(1.0), NamedSharding(mesh, P()))
