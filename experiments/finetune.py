@@ -20,6 +20,38 @@
      ``α = r``, on every attention and MLP matrix; ``optax.adamw`` on ``adapters.trainable``
      only, the loss computed on ``reparam.apply(params, adapters)``.
 
+``--methods`` also runs the rest of the LoRA family at LoRA's rate (not swept): :data:`FAMILY`
+trained like LoRA, and :data:`SCHEDULED`, whose training needs loop pieces of their own, wired
+through the library's APIs by a :class:`Plan` (:func:`scheduled`, :func:`mos_setup`; settings
+derived from ``r`` and the step count ``T``; the constants below):
+
+* ``sora``: :func:`~lowrank_jax.reparam.sora` (``r_max = r``, ``α = r``, gates ``N(0, 1)``)
+  trained by :func:`~lowrank_jax.reparam.sora_optimizer` (AdamW on the factors, Adam on the
+  gates, both at the shared schedule, then the proximal L1 step with ``ξ =`` :data:`SORA_XI` per
+  step), plus ``η·sora_l1`` (``η =`` :data:`SORA_L1`) in the loss. Reports the effective rank
+  (nonzero gates, :func:`~lowrank_jax.reparam.sora_rank`);
+* ``dylora``: :func:`~lowrank_jax.reparam.dylora` (``r_max = r``, ``α = r``, ``r_min = 1``,
+  the reference's frozen-lower mode), a rank drawn every step by
+  :func:`~lowrank_jax.reparam.dylora_sample_rank`; evaluated at ``r_max``, and the validation
+  loss at ``r/4, r/2, r`` (:func:`~lowrank_jax.reparam.dylora_set_rank`) is reported;
+* ``adalora``: :func:`~lowrank_jax.reparam.adalora` (``init_r = 3r/2``, ``α = init_r``: PEFT's
+  12 → 8 at ``r = 8``) with :class:`~lowrank_jax.reparam.AdaLoRASchedule` (``target_r = r``,
+  ``t_i = T/10``, ``t_f = T/5``, ``ΔT = T/30``, PEFT's β and orthogonality weight 0.5, its
+  regulariser in the loss, its ``update`` after every optimizer step with that step's clipped
+  gradients). Reports the rank budget (initial, target, final) and the final allocation;
+* ``increlora``: :func:`~lowrank_jax.reparam.increlora` (``2r`` slots, ``init_rank = r/4``,
+  ``reserve = r/2``: the reference's map for an average rank of 8, ``α = r``) with
+  :class:`~lowrank_jax.reparam.IncreLoRASchedule` (``target_rank = r``, warm-up ``T/10``,
+  growth every ``T/40`` steps, :data:`INCRELORA_TOP_H` matrices each, its regulariser in the
+  loss), the importance scores from :func:`~lowrank_jax.reparam.increlora_value_and_grad`.
+  Reports the total rank (initial, target, final), the allocation and the values trained at
+  the end (:func:`~lowrank_jax.reparam.increlora_num_trainable`);
+* ``mos``: :func:`~lowrank_jax.reparam.mos` (rank ``r`` per layer, equivalent rank ``r/2``
+  (at least 2), private rank 1, 2 shards, ``α = r``) with one shard pool per projection type
+  shared by all the layers, as the reference: the layers' matrices are stacked
+  ``[L, in, out]`` for the adapters and split back for the model. Reports its trained values
+  against the de-sharded per-layer LoRA's (:func:`~lowrank_jax.reparam.mos_to_lora`).
+
 Reports per method the trainable parameters, the optimizer-state bytes
 (``lowrank_jax.memory.state_bytes`` of what is optimized), the held-out loss on the new domain
 before and after, the KJV held-out loss after (forgetting; the pre-training run's own split)
@@ -40,6 +72,7 @@ estimate and the validation split stays untouched), and writes ``finetune_sweep.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -71,6 +104,12 @@ METHODS = ("full", "galore", "lora", "dora", "pissa")
 # More of the LoRA family (--methods ...): trained like LoRA (AdamW on the adapters' trainable
 # arrays), at LoRA's learning rate (not swept); rank r, alpha r where the method has one.
 FAMILY = ("wegeft", "lamda", "loldu", "randlora", "miss", "hydra", "vera", "lora_xs")
+# The rest of the family (--methods ...), at LoRA's rate too, each with its training-loop pieces
+# (a Plan; the settings are in the module docstring).
+SCHEDULED = ("sora", "dylora", "adalora", "increlora", "mos")
+SORA_L1 = 0.1  # η: the weight of sora_l1 (the mean |gate|) in the loss
+SORA_XI = 1e-3  # ξ: the proximal step's threshold per step (not scaled by the learning rate)
+INCRELORA_TOP_H = 4  # matrices grown per growth step
 
 # Standard-library modules (single files in Python 3.10-3.13), in this order.
 PYTHON_MODULES = (
@@ -176,19 +215,26 @@ def evaluate(eval_step: Callable, params: Any, blocks: np.ndarray, batch_size: i
     return float(np.mean(losses))
 
 
-def setup(name: str, params: dict, rank: int, gap: int, schedule: Any, seed: int) -> tuple:
-    """``(trainable, context, tx, effective)`` for one method.
+def setup(name: str, params: dict, size: dict, schedule: Any, seed: int) -> tuple:
+    """``(trainable, context, tx, effective, plan)`` for one method.
 
     ``effective(trainable, context)`` is the parameter tree the model runs with; ``context``
-    holds the frozen arrays (passed to the jitted step as an argument, not baked in).
+    holds the frozen arrays (passed to the jitted step as an argument, not baked in); ``plan``
+    is ``None`` or the method's :class:`Plan`.
     """
+    rank, gap = size["rank"], size["gap"]
+    if name == "mos":
+        trainable, context, effective = mos_setup(params, rank, seed)
+        return trainable, context, optax.adamw(schedule, weight_decay=0.0), effective, None
+    if name in SCHEDULED:
+        return scheduled(name, params, rank, size["steps"], schedule, seed)
     if name in ("full", "galore"):
         if name == "full":
             tx = optax.adamw(schedule, weight_decay=0.0)
         else:
             tx = galore_adamw(schedule, rank=rank, update_proj_gap=gap, scale=GALORE_SCALE,
                               seed=seed)  # fmt: skip
-        return jax.tree.map(jnp.copy, params), None, tx, lambda trainable, _: trainable
+        return jax.tree.map(jnp.copy, params), None, tx, lambda trainable, _: trainable, None
     make = getattr(reparam, name)
     accepted = inspect.signature(make).parameters
     options = {next(iter(accepted)): rank}  # rank, or Hydra's parallel_rank: the adapter size
@@ -201,7 +247,174 @@ def setup(name: str, params: dict, rank: int, gap: int, schedule: Any, seed: int
         return reparam.apply(base, adapters.replace(trainable=trainable))
 
     context = (base, adapters.replace(trainable={}))
-    return adapters.trainable, context, optax.adamw(schedule, weight_decay=0.0), effective
+    return adapters.trainable, context, optax.adamw(schedule, weight_decay=0.0), effective, None
+
+
+def _apply(trainable: Any, context: tuple) -> Any:
+    base, adapters = context
+    return reparam.apply(base, adapters.replace(trainable=trainable))
+
+
+def _value_and_grad(loss_of_params: Callable, base: Any, adapters: reparam.Adapters) -> tuple:
+    """``(loss, grads of adapters.trainable, None)``: no scores besides the gradients."""
+    loss, grads = jax.value_and_grad(lambda t: loss_of_params(_apply(t, (base, adapters))))(
+        adapters.trainable
+    )
+    return loss, grads, None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A method's training-loop pieces beyond the optimizer on its trainable arrays.
+
+    Each step: ``used = prepare(adapters, t)`` is what this step's forward sees (DyLoRA's drawn
+    rank); ``value_and_grad(loss_of_params, base, used)`` gives ``(loss, grads, scores)``;
+    ``penalty(adapters)``'s gradient is added (a regulariser, not in the reported loss); the
+    clipped gradients update the trainable arrays; then ``finish(t, adapters, grads, scores,
+    state)`` (a rank allocator) returns the next ``(adapters, state)``. The adapters' frozen
+    arrays (IncreLoRA's active ranks) travel with ``state`` from step to step.
+    """
+
+    prepare: Callable = lambda adapters, t: adapters
+    value_and_grad: Callable = _value_and_grad
+    penalty: Callable | None = None
+    init: Callable = lambda adapters: ()
+    finish: Callable = lambda t, adapters, grads, scores, state: (adapters, state)
+
+
+def scheduled(name: str, params: dict, rank: int, steps: int, schedule: Any, seed: int) -> tuple:
+    """``(trainable, context, tx, effective, plan)`` for SoRA, DyLoRA, AdaLoRA or IncreLoRA
+    (the settings are in the module docstring)."""
+    key = jax.random.key(seed)
+    tx = optax.adamw(schedule, weight_decay=0.0)
+    if name == "sora":
+        make = reparam.sora(rank, alpha=rank)
+        tx = reparam.sora_optimizer(tx, optax.adam(schedule), SORA_XI)
+        plan = Plan(penalty=lambda adapters: SORA_L1 * reparam.sora_l1(adapters))
+    elif name == "dylora":
+        make = reparam.dylora(rank, alpha=rank)
+        draws = jax.random.fold_in(key, 1)
+        plan = Plan(
+            prepare=lambda adapters, t: reparam.dylora_sample_rank(
+                jax.random.fold_in(draws, t), adapters
+            )
+        )
+    elif name == "adalora":
+        init_r = 3 * rank // 2
+        make = reparam.adalora(init_r, alpha=init_r)
+        allocator = reparam.AdaLoRASchedule(
+            total_step=steps,
+            target_r=rank,
+            tinit=steps // 10,
+            tfinal=steps // 5,
+            delta_t=max(1, steps // 30),
+        )
+        plan = Plan(
+            penalty=allocator.regularizer,
+            init=allocator.init,
+            finish=lambda t, adapters, grads, _, state: allocator.update(t, adapters, grads, state),
+        )
+    elif name == "increlora":
+        make = reparam.increlora(2 * rank, init_rank=max(1, rank // 4), alpha=rank,
+                                 reserve=max(1, rank // 2))  # fmt: skip
+        grower = reparam.IncreLoRASchedule(target_rank=rank, init_warmup=steps // 10,
+                                           incre_interval=max(1, steps // 40),
+                                           top_h=INCRELORA_TOP_H)  # fmt: skip
+        plan = Plan(
+            value_and_grad=reparam.increlora_value_and_grad,
+            penalty=grower.regularizer,
+            init=grower.init,
+            finish=lambda t, adapters, _, scores, state: grower.update(t, adapters, scores, state),
+        )
+    else:
+        raise ValueError(f"no plan for {name!r}; one of {SCHEDULED}")
+    base, adapters = jax.jit(make.init)(key, params)
+    return adapters.trainable, (base, adapters.replace(trainable={})), tx, _apply, plan
+
+
+def mos_setup(params: dict, rank: int, seed: int) -> tuple:
+    """``(trainable, context, effective)`` for MoS with one shard pool per projection type shared
+    by every layer: the adapters see the layers stacked (``layers/q_proj/kernel: [L, in, out]``),
+    the model gets them back one layer each."""
+    layers = params["layers"]
+    order = sorted(layers)
+    stacked = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in order))}
+    make = reparam.mos(rank, max(2, rank // 2), private_rank=1, shards=2, alpha=rank)
+    stacked, adapters = jax.jit(make.init)(jax.random.key(seed), stacked)
+    rest = {k: v for k, v in params.items() if k != "layers"}
+
+    def effective(trainable: Any, context: tuple) -> Any:
+        rest, stacked, skeleton = context
+        adapted = _apply(trainable, (stacked, skeleton))["layers"]
+        return {**rest, "layers": {i: jax.tree.map(lambda x, i=n: x[i], adapted)
+                                   for n, i in enumerate(order)}}  # fmt: skip
+
+    return adapters.trainable, (rest, stacked, adapters.replace(trainable={})), effective
+
+
+def figures(name: str, size: dict, adapters: reparam.Adapters, start: Any, val: Callable) -> dict:
+    """What the run says about a :data:`SCHEDULED` method after training.
+
+    ``adapters`` are the trained ones, ``start`` their trainable arrays before training and
+    ``val(adapters)`` the held-out loss with other adapters (the same frozen base)."""
+    rank = size["rank"]
+    if name == "sora":
+        ranks = reparam.sora_rank(adapters)
+        moved = [np.abs(np.asarray(adapters.trainable[p]["g"]) - start[p]["g"]) for p in ranks]
+        return {
+            "effective_rank_total": int(sum(ranks.values())),
+            "max_rank_total": rank * len(ranks),
+            "gate_mean_abs_change": float(np.mean(np.concatenate(moved))),
+            "effective_ranks": ranks,
+        }
+    if name == "dylora":
+        at = sorted({max(1, rank // 4), max(1, rank // 2), rank})
+        return {"val_loss_at_rank": {str(b): val(reparam.dylora_set_rank(adapters, b)) for b in at}}
+    if name == "adalora":
+        schedule = reparam.AdaLoRASchedule(total_step=size["steps"], target_r=rank)
+        initial, target = schedule.budgets(adapters)
+        ranks = {p: int(np.count_nonzero(t["E"])) for p, t in adapters.trainable.items()}
+        return {"rank_budget_initial": initial, "rank_budget_target": target,
+                "rank_budget_final": sum(ranks.values()), "ranks": ranks}  # fmt: skip
+    if name == "increlora":
+        ranks = reparam.increlora_ranks(adapters)
+        return {
+            "rank_total_initial": max(1, rank // 4) * len(ranks),
+            "rank_total_target": rank * len(ranks),
+            "rank_total_final": int(sum(ranks.values())),
+            "trained_params_final": reparam.increlora_num_trainable(adapters),
+            "ranks": ranks,
+        }
+    if name == "mos":
+        method = adapters.sites[0].method
+        return {
+            "per_layer_rank": method.rank,
+            "equivalent_rank": method.equivalent_rank,
+            "lora_equivalent_params": reparam.num_trainable(reparam.mos_to_lora(adapters)),
+        }
+    raise ValueError(f"no figures for {name!r}")
+
+
+def summary(name: str, values: dict) -> str:
+    """One line of a :data:`SCHEDULED` method's figures."""
+    if name == "sora":
+        return (f"effective rank {values['effective_rank_total']} of "
+                f"{values['max_rank_total']} (nonzero gates)")  # fmt: skip
+    if name == "dylora":
+        ranks = values["val_loss_at_rank"]
+        return "val loss at rank " + ", ".join(f"{b}: {v:.3f}" for b, v in ranks.items())
+    if name == "adalora":
+        return (
+            f"rank budget {values['rank_budget_initial']} → {values['rank_budget_final']} "
+            f"(target {values['rank_budget_target']})"
+        )
+    if name == "increlora":
+        return (f"total rank {values['rank_total_initial']} → {values['rank_total_final']} "
+                f"(target {values['rank_total_target']}), "
+                f"{values['trained_params_final']:,} values trained at the end")  # fmt: skip
+    return (f"rank {values['per_layer_rank']} per layer from pools of equivalent rank "
+            f"{values['equivalent_rank']}; the de-sharded LoRA has "
+            f"{values['lora_equivalent_params']:,} values")  # fmt: skip
 
 
 def finetune(
@@ -218,19 +431,35 @@ def finetune(
     """Fine-tunes ``params`` with method ``name`` at peak rate ``lr``; returns its record."""
     steps, batch_size = size["steps"], size["batch_size"]
     schedule = warmup_cosine(lr, steps, steps // 10)
-    trainable, context, tx, effective = setup(name, params, size["rank"], size["gap"], schedule,
-                                              seed)  # fmt: skip
+    trainable, context, tx, effective, plan = setup(name, params, size, schedule, seed)
 
-    def loss_fn(trainable: Any, context: Any, batch: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, effective(trainable, context))
+    def model_loss(params: Any, batch: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params)
         return cross_entropy(model(batch[:, :-1]), batch[:, 1:])
 
-    def step(trainable: Any, opt_state: Any, context: Any, batch: jax.Array) -> tuple:
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, context, batch)
+    def clipped(grads: Any) -> Any:
         factor = jnp.minimum(1.0, GRAD_CLIP / (optax.tree.norm(grads) + 1e-6))
-        grads = jax.tree.map(lambda g: g * factor, grads)
+        return jax.tree.map(lambda g: g * factor, grads)
+
+    def step(trainable, opt_state, carry, context, batch, t) -> tuple:
+        if plan is None:
+            loss_fn = lambda trainable: model_loss(effective(trainable, context), batch)
+            loss, grads = jax.value_and_grad(loss_fn)(trainable)
+            grads = clipped(grads)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, carry, loss
+        (base, skeleton), (frozen, state) = context, carry
+        adapters = skeleton.replace(trainable=trainable, frozen=frozen)
+        used = plan.prepare(adapters, t)
+        loss, grads, scores = plan.value_and_grad(lambda p: model_loss(p, batch), base, used)
+        if plan.penalty is not None:
+            penalty = jax.grad(lambda tr: plan.penalty(used.replace(trainable=tr)))(trainable)
+            grads = jax.tree.map(jnp.add, grads, penalty)
+        grads = clipped(grads)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+        adapters = adapters.replace(trainable=optax.apply_updates(trainable, updates))
+        adapters, state = plan.finish(t, adapters, grads, scores, state)
+        return adapters.trainable, opt_state, (adapters.frozen, state), loss
 
     val = domain.val[: size["eval_batches"] * batch_size]
     merged = jax.jit(effective)  # one compile instead of many eager ops per evaluation
@@ -240,19 +469,31 @@ def finetune(
         "opt_state_bytes": memory.state_bytes(tx, trainable),
         "val_loss_before": evaluate(eval_step, merged(trainable, context), val, batch_size),
     }
+    start = jax.tree.map(np.array, trainable) if name in SCHEDULED else None  # copies (donated)
     opt_state = tx.init(trainable)
+    carry = ()
+    if plan is not None:
+        skeleton = context[-1]
+        carry = (skeleton.frozen, plan.init(skeleton.replace(trainable=trainable)))
     batch = jax.ShapeDtypeStruct(domain.train[:batch_size].shape, jnp.int32)
+    t = jax.ShapeDtypeStruct((), jnp.int32)
     compiled = (
-        jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, context, batch).compile()
+        jax.jit(step, donate_argnums=(0, 1))  # not the carry: a schedule's state may alias
+        .lower(trainable, opt_state, carry, context, batch, t)
+        .compile()
     )
     batches = BatchIterator(domain.train, batch_size, seed)
     losses = []
     began = time.perf_counter()
-    for _ in range(steps):
-        trainable, opt_state, loss = compiled(trainable, opt_state, context, next(batches))
+    for i in range(steps):
+        trainable, opt_state, carry, loss = compiled(
+            trainable, opt_state, carry, context, next(batches), jnp.asarray(i, jnp.int32)
+        )
         losses.append(loss)
     losses = [float(x) for x in jax.block_until_ready(losses)]
     seconds = time.perf_counter() - began
+    if plan is not None:  # the frozen arrays the schedule ended with (IncreLoRA's ranks)
+        context = (context[0], context[1].replace(frozen=carry[0]))
     final = merged(trainable, context)
     tail = max(1, steps // 5)
     record.update(
@@ -263,6 +504,14 @@ def finetune(
         seconds=seconds,
         losses=losses,
     )
+    if name in SCHEDULED:
+        *frozen, skeleton = context
+        val_at = lambda adapters: evaluate(
+            eval_step, merged(adapters.trainable, (*frozen, adapters.replace(trainable={}))),
+            val, batch_size,
+        )  # fmt: skip
+        trained = skeleton.replace(trainable=trainable)
+        record["figures"] = figures(name, size, trained, start, val_at)
     return record
 
 
@@ -293,8 +542,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="llama_tiny smoke sizes")
     parser.add_argument("--pretrained", help="a training run directory to reuse or create "
                         "(default: runs/finetune/<model>-kjv-<steps>)")  # fmt: skip
-    parser.add_argument("--methods", nargs="+", choices=METHODS + FAMILY, default=list(METHODS),
-                        help="the methods to run (FAMILY ones at LoRA's rate)")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=METHODS + FAMILY + SCHEDULED,
+                        default=list(METHODS), help="the methods to run "
+                        "(FAMILY and SCHEDULED at LoRA's rate)")  # fmt: skip
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="override LEARNING_RATES, e.g. --lr full=3e-4 lora=1e-3")  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="run SWEEP_GRID for every method")
@@ -312,11 +562,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     label = "tiny" if args.tiny else "default"
     size = {k: getattr(args, k) or v for k, v in SIZES[label].items()}
     rates = dict(LEARNING_RATES[label])
-    rates.update({name: rates["lora"] for name in FAMILY})
+    rates.update({name: rates["lora"] for name in FAMILY + SCHEDULED})
     for item in args.lr:
         name, _, value = item.partition("=")
-        if name not in METHODS + FAMILY:
-            raise SystemExit(f"--lr {item}: the method must be one of {METHODS + FAMILY}")
+        if name not in rates:
+            raise SystemExit(f"--lr {item}: the method must be one of {tuple(rates)}")
         rates[name] = float(value)
     run_dir = args.pretrained or os.path.join(
         "runs", "finetune", f"{size['model']}-kjv-{size['pretrain_steps']}"
@@ -389,6 +639,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             r["time_ratio"] = None if full is None else r["seconds"] / full["seconds"]
         result = {**common, "methods": rows, "table": table(pretrained, rows)}
         print(result["table"])
+        for name, r in rows.items():
+            if "figures" in r:
+                print(f"{name}: {summary(name, r['figures'])}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

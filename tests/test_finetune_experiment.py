@@ -78,3 +78,68 @@ def test_finetune_experiment_runs_the_lora_family(tmp_path):
     # LoLDU trains a diagonal and a scale per matrix: far fewer values than LoRA's factors
     assert 0 < rows["loldu"]["trainable_params"] < rows["lora"]["trainable_params"] / 50
     assert json.loads(out.read_text())["methods"].keys() == rows.keys()
+
+
+def test_finetune_experiment_runs_the_scheduled_family(tmp_path):
+    """The methods with loop pieces of their own (:data:`SCHEDULED`) train through them: SoRA's
+    proximal step zeroes gates, DyLoRA's drawn ranks train the lower components, AdaLoRA's
+    allocator cuts the budget to its target and moves ranks between matrices, IncreLoRA's
+    grows the total rank, and MoS shares one pool per projection type across the layers."""
+    from experiments import finetune
+
+    saved = finetune.main(["--tiny", "--pretrained", str(tmp_path / "pre"), "--out",
+                           str(tmp_path / "scheduled.json"), "--methods",
+                           *finetune.SCHEDULED])  # fmt: skip
+    rows = saved["methods"]
+    assert list(rows) == list(finetune.SCHEDULED)
+    for name, row in rows.items():
+        assert row["lr"] == finetune.LEARNING_RATES["tiny"]["lora"], name
+        assert row["val_loss_after"] < row["val_loss_before"] - 0.02, name
+
+    cfg = get_config("llama_tiny")
+    rank, layers = finetune.SIZES["tiny"]["rank"], cfg.num_layers
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    shapes = [(h, h)] * 4 + [(h, m)] * 2 + [(m, h)]
+    matrices = layers * len(shapes)
+    lora = layers * sum(rank * (i + o) for i, o in shapes)  # a rank-r LoRA's values
+
+    # SoRA: one gate per component; the proximal L1 step leaves exact zeros (Adam alone would
+    # not), so the effective rank is below r_max somewhere.
+    sora = rows["sora"]["figures"]
+    assert rows["sora"]["trainable_params"] == lora + rank * matrices
+    assert sora["max_rank_total"] == rank * matrices and len(sora["effective_ranks"]) == matrices
+    assert sum(sora["effective_ranks"].values()) == sora["effective_rank_total"]
+    assert 0 < sora["effective_rank_total"] < sora["max_rank_total"]
+    assert sora["gate_mean_abs_change"] > 0
+
+    # DyLoRA: evaluated at r/4, r/2, r; the final row is at r_max. Trained at r_max alone (no
+    # drawn ranks) the frozen-lower mode would leave components 1..r-1 untouched (B = 0 there),
+    # so rank 1 would be the pretrained model.
+    at = rows["dylora"]["figures"]["val_loss_at_rank"]
+    assert list(at) == [str(max(1, rank // 4)), str(rank // 2), str(rank)]
+    assert abs(at[str(rank)] - rows["dylora"]["val_loss_after"]) < 1e-6
+    assert at["1"] < rows["dylora"]["val_loss_before"] - 0.02
+    assert len(set(at.values())) == len(at)
+
+    # AdaLoRA: 3r/2 triplets per matrix at first, pruned to the target budget r per matrix on
+    # average, unevenly: ranks were moved between matrices.
+    ada = rows["adalora"]["figures"]
+    assert ada["rank_budget_initial"] == (3 * rank // 2) * matrices
+    assert ada["rank_budget_final"] == ada["rank_budget_target"] == rank * matrices
+    assert sum(ada["ranks"].values()) == ada["rank_budget_final"]
+    assert len(set(ada["ranks"].values())) > 1
+
+    # IncreLoRA: r/4 per matrix at first, grown to at least the target total r per matrix.
+    inc = rows["increlora"]["figures"]
+    assert inc["rank_total_initial"] == max(1, rank // 4) * matrices
+    assert inc["rank_total_final"] >= inc["rank_total_target"] == rank * matrices
+    assert sum(inc["ranks"].values()) == inc["rank_total_final"]
+    assert len(set(inc["ranks"].values())) > 1  # grown where the importance was highest
+    assert inc["trained_params_final"] > inc["rank_total_initial"] * (h + h + 1)
+
+    # MoS: pools of r/2 vectors per layer (2 shards each), shared by the layers of a projection
+    # type; every layer adapts at rank r, as a LoRA of twice the values would.
+    mos = rows["mos"]["figures"]
+    assert mos["per_layer_rank"] == rank and mos["equivalent_rank"] == rank // 2
+    assert rows["mos"]["trainable_params"] == (rank // 2) * layers * sum(i + o for i, o in shapes)
+    assert mos["lora_equivalent_params"] == lora == 2 * rows["mos"]["trainable_params"]
