@@ -12,6 +12,17 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "colab").glob("*.ipynb")
 # What each notebook must have shown, checked in its kernel after its last cell. A new
 # notebook needs its entry here (test_every_notebook_has_a_final_check).
 FINAL_CHECKS = {
+    "finetune_family.ipynb": "\n".join(
+        [
+            "assert list(rows) == list(METHODS) == ['LoRA', 'DoRA', 'GaLore', 'LISA'], rows",
+            "assert MODEL.startswith(work), MODEL  # the stand-in: nothing was downloaded",
+            "params = [rows[name]['trainable_params'] for name in METHODS]",
+            "assert params[0] < params[1] < params[2] == params[3], params  # LoRA < DoRA < all",
+            "assert all(0 < r['step_peak_bytes'] for r in rows.values()), rows",
+            "assert all(r['val_loss'] < r['val_loss_before'] for r in rows.values()), rows",
+            "assert [len(ax.patches) for ax in axes] == [8, 4, 8], axes",
+        ]
+    ),
     "lowrank_jax_quickstart.ipynb": 'assert runs["galore"][-1] < runs["galore"][0], runs',
     "memory_planner.ipynb": "\n".join(
         [
@@ -20,6 +31,17 @@ FINAL_CHECKS = {
             "    state = [plans[(name, layerwise)].state_bytes for name in OPTIMIZERS]",
             "    assert state[2] < state[1] < state[0], state  # 8-bit GaLore < GaLore < AdamW",
             "assert [len(ax.patches) for ax in axes] == [6, 6], axes",
+        ]
+    ),
+    "pretrain_compare.ipynb": "\n".join(
+        [
+            "assert list(summaries) == OPTIMIZERS, summaries",
+            "assert all(math.isfinite(s['val_loss']) for s in summaries.values()), summaries",
+            "state = {name: s['opt_state_bytes'] for name, s in summaries.items()}",
+            "assert max(state['galore'], state['fira'], state['apollo']) < state['adamw'], state",
+            "assert curves['galore'].val_loss[-1] < curves['galore'].val_loss[0], curves",
+            "assert [len(ax.lines) for ax in axes[0]] == [len(OPTIMIZERS)] * 2, axes",
+            "assert [len(ax.patches) for ax in axes[1]] == [len(OPTIMIZERS)] * 2, axes",
         ]
     ),
     "sharding.ipynb": "\n".join(
