@@ -11,8 +11,11 @@ throughput is measured next to AdamW's in the same process, under the same load.
 
 Reports per method: the final validation loss, mean ± sample standard deviation over the
 seeds; the perplexity ``exp`` of that mean; the optimizer state (``lowrank_jax.memory``, exact
-bytes) and its ratio to AdamW's on the same model; the training throughput (compilation and
-evaluation excluded, mean over the seeds) and its ratio to AdamW's. Writes
+bytes) and its ratio to AdamW's on the same model; the compiled train step's peak memory
+(:func:`lowrank_jax.train.loop.step_memory`: XLA's memory analysis of the very step the trainer
+compiles for the run, parameters + optimizer state + gradients + activations and workspaces, on
+this backend, float32; nothing allocated) and its ratio to AdamW's; the training throughput
+(compilation and evaluation excluded, mean over the seeds) and its ratio to AdamW's. Writes
 ``experiments/results/pretrain_compare.json`` and a figure next to it (the validation and the
 training loss against the step, one line per method, mean over the seeds, the training loss
 smoothed over :data:`SMOOTH` steps; state-memory and throughput bars), drawn by
@@ -26,6 +29,8 @@ smoothed over :data:`SMOOTH` steps; state-memory and throughput bars), drawn by
     python experiments/pretrain_compare.py --ablate gap       # GaLore, refresh gap 10 .. 200
     python experiments/pretrain_compare.py --quick            # the test's smoke size
     python experiments/pretrain_compare.py --replot           # redraw the PNG from the JSON
+    python experiments/pretrain_compare.py --peaks-only       # measure the step peaks of the
+                                                              # JSON's rows (no training)
 
 ``--lr-grid`` and ``--ablate`` write ``pretrain_compare_lr_grid.json`` /
 ``pretrain_compare_<rank|gap>.json`` (and their figures); ``--ablate`` varies the low-rank
@@ -55,7 +60,7 @@ import numpy as np
 
 from lowrank_jax import memory
 from lowrank_jax.models import get_config
-from lowrank_jax.train import RunConfig, TrainError, get_optimizer, train
+from lowrank_jax.train import RunConfig, TrainError, get_optimizer, step_memory, train
 from lowrank_jax.train.plot import draw_figure, read_run
 
 RESULTS = pathlib.Path(__file__).with_name("results")
@@ -143,6 +148,26 @@ def run_config(variant: Variant, size: dict, seed: int, out: str) -> RunConfig:
     )  # fmt: skip
 
 
+def step_peak(variant: Variant, size: dict) -> dict:
+    """The compiled train step of ``variant`` at ``size`` (the seed changes no shape), as the
+    trainer compiles it, measured without training: XLA's bytes per device."""
+    with tempfile.TemporaryDirectory() as out:  # step_memory writes nothing there
+        stats = step_memory(run_config(variant, size, 0, out))
+    return {**stats._asdict(), "peak_bytes": stats.peak_bytes}
+
+
+def add_step_peaks(rows: dict, size: dict, log=print) -> None:
+    """Measures every row's compiled step (:func:`step_peak`); adds ``step_memory`` and its
+    ``step_peak_ratio`` to the reference's (the first row, AdamW)."""
+    for name, row in rows.items():
+        fields = {f.name: row[f.name] for f in dataclasses.fields(Variant)}
+        row["step_memory"] = step_peak(Variant(**fields), size)
+        log(f"step peak {name:24} {memory.human(row['step_memory']['peak_bytes'])}")
+    reference = rows[REFERENCE]["step_memory"]["peak_bytes"]
+    for row in rows.values():
+        row["step_peak_ratio"] = row["step_memory"]["peak_bytes"] / reference
+
+
 def run_one(variant: Variant, size: dict, seed: int, out: str) -> dict:
     """Trains one seed of ``variant`` into ``out``; returns its record (a run stopped by the
     trainer, e.g. too many non-finite steps in a row, keeps its curves and its error)."""
@@ -220,8 +245,8 @@ def table(rows: dict) -> str:
     """The markdown table of the rows."""
     lines = [
         "| method | lr | val loss (mean ± std) | val ppl | optimizer state | vs AdamW "
-        "| tokens/s | vs AdamW |",
-        "|---|---|---|---|---|---|---|---|",
+        "| step peak | vs AdamW | tokens/s | vs AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda x, spec, unit="": "–" if x is None else f"{x:{spec}}{unit}"
     for name, r in rows.items():
@@ -230,9 +255,11 @@ def table(rows: dict) -> str:
         if r["finished"] < len(r["seeds"]):
             loss += f" ({len(r['seeds']) - r['finished']} of {len(r['seeds'])} seeds stopped)"
         state = "–" if r["opt_state_bytes"] is None else memory.human(r["opt_state_bytes"])
+        peak = "–" if "step_memory" not in r else memory.human(r["step_memory"]["peak_bytes"])
         lines.append(
             f"| {name} | {r['lr']:g} | {loss} | {fmt(r['val_ppl'], '.2f')} | {state} "
-            f"| {fmt(r['state_ratio'], '.2f', '×')} | {fmt(r['tokens_per_s'], ',.0f')} "
+            f"| {fmt(r['state_ratio'], '.2f', '×')} | {peak} "
+            f"| {fmt(r.get('step_peak_ratio'), '.2f', '×')} | {fmt(r['tokens_per_s'], ',.0f')} "
             f"| {fmt(r['throughput_ratio'], '.2f', '×')} |"
         )
     return "\n".join(lines)
@@ -281,6 +308,23 @@ def figure_title(result: dict) -> str:
             f"tokens/step, mean of {seeds} seed{'s' * (seeds > 1)}")  # fmt: skip
 
 
+def command(argv: Sequence[str] | None) -> str:
+    return " ".join(["python experiments/pretrain_compare.py", *(argv or sys.argv[1:])])
+
+
+def step_memory_info() -> dict:
+    """How the rows' ``step_memory`` was measured (the JSON's ``step_memory_source``)."""
+    return {
+        "step_memory_source": (
+            "lowrank_jax.train.step_memory: XLA's memory_analysis() of the train step the "
+            "trainer compiles for the run (float32, no remat, unscanned layers), per device; "
+            "peak = arguments + outputs - aliased + temporaries"
+        ),
+        "step_memory_backend": jax.default_backend(),
+        "step_memory_jax": jax.__version__,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -298,6 +342,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default: experiments/results/pretrain_compare*.json)")  # fmt: skip
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the PNG from the JSON file that --out names")  # fmt: skip
+    parser.add_argument("--peaks-only", action="store_true",
+                        help="no training: measure the compiled step peak of every row of the "
+                        "JSON file that --out names, rewrite its rows and table")  # fmt: skip
     for key, value in SIZES["default"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value),
                             help=f"override the size's {key} [{value}]")  # fmt: skip
@@ -329,6 +376,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         save_figure(result["methods"], out.with_suffix(".png"), figure_title(result))
         print(f"wrote {out.with_suffix('.png')}")
         return result
+    if args.peaks_only:
+        result = json.loads(out.read_text())
+        add_step_peaks(result["methods"], result["size"])
+        result.update(step_memory_info(), table=table(result["methods"]))
+        result["commands"] = [*result.get("commands", [result["command"]]), command(argv)]
+        print(result["table"])
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+        return result
     print(f"{len(todo)} variants x {seeds} seeds on {size['model']}, {size['steps']} steps")
 
     runs: dict[str, list[dict]] = {v.name: [] for v in todo}
@@ -346,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         v.name: reference if v.name == REFERENCE else aggregate(v, runs[v.name], reference)
         for v in todo
     }
+    add_step_peaks(rows, size)
     result = {
-        "command": " ".join(["python experiments/pretrain_compare.py", *(argv or sys.argv[1:])]),
+        "command": command(argv),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
@@ -359,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              TRAINER_DEFAULTS}},  # fmt: skip
         "not_run": NOT_RUN,
         "reference": REFERENCE,
+        **step_memory_info(),
         "table": table(rows),
         "methods": rows,
     }

@@ -1,5 +1,6 @@
 """Smoke run of ``experiments/pretrain_compare.py`` at its quick size: the JSON, table and figure
-it writes, the ratios to AdamW, and that every method's loss goes down."""
+it writes, the ratios to AdamW, the compiled step peaks (also re-measured by ``--peaks-only``),
+and that every method's loss goes down."""
 
 import json
 
@@ -33,16 +34,42 @@ def test_pretrain_compare_quick(tmp_path):
         assert row["tokens_per_s"] > 0
         # AdamW's state on the same model (the run's AdamW also counts its schedule's step)
         assert 0 <= rows["adamw"]["opt_state_bytes"] - row["adamw_state_bytes"] < 64
+        peak = row["step_memory"]
+        assert peak["peak_bytes"] == (peak["argument_bytes"] + peak["output_bytes"]
+                                      - peak["alias_bytes"] + peak["temp_bytes"])  # fmt: skip
+        assert peak["argument_bytes"] > row["opt_state_bytes"] and peak["temp_bytes"] > 0
+        assert row["step_peak_ratio"] == peak["peak_bytes"] / rows["adamw"]["step_memory"][
+            "peak_bytes"]  # fmt: skip
+    assert saved["step_memory_backend"] == "cpu"
 
     adamw, galore = rows["adamw"], rows["galore"]
     assert adamw["lr"] == 1e-3 and galore["lr"] == 1e-2  # the registered defaults
     assert adamw["state_ratio"] == adamw["throughput_ratio"] == 1.0
     assert galore["state_ratio"] == galore["opt_state_bytes"] / adamw["opt_state_bytes"] < 0.5
     assert galore["throughput_ratio"] == galore["tokens_per_s"] / adamw["tokens_per_s"]
+    # the step's arguments differ by the optimizer states (same parameters and batch)
+    a, g = adamw["step_memory"], galore["step_memory"]
+    saved_state = adamw["opt_state_bytes"] - galore["opt_state_bytes"]
+    assert abs(a["argument_bytes"] - g["argument_bytes"] - saved_state) < 64
+    assert adamw["step_peak_ratio"] == 1.0 and galore["step_peak_ratio"] < 1.0
 
     lines = saved["table"].splitlines()
     assert len(lines) == 2 + len(rows)
-    assert all(line.count("|") == 9 for line in lines)
+    assert all(line.count("|") == 11 for line in lines)
+    assert "step peak" in lines[0]
+
+    # --peaks-only: the peaks of a JSON without them, measured again without training
+    for row in saved["methods"].values():
+        del row["step_memory"], row["step_peak_ratio"]
+    out.write_text(json.dumps(saved))
+    again = pretrain_compare.main(["--quick", "--out", str(out), "--peaks-only"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(again))
+    assert again["table"] == result["table"]
+    assert again["commands"][-1].endswith("--peaks-only")
+    first = json.loads(json.dumps(result))["methods"]
+    for name, row in again["methods"].items():
+        assert row["step_memory"] == first[name]["step_memory"], name
+        assert row["val_curve"] == first[name]["val_curve"], name  # untouched
 
 
 def test_pretrain_compare_variants():

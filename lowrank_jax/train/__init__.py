@@ -15,6 +15,7 @@ _EXPORTS = {
     "ConfigError": "lowrank_jax.train.config",
     "RunConfig": "lowrank_jax.train.config",
     "TrainError": "lowrank_jax.train.loop",
+    "step_memory": "lowrank_jax.train.loop",
     "train": "lowrank_jax.train.loop",
     "OptimizerArgs": "lowrank_jax.train.registry",
     "available_optimizers": "lowrank_jax.train.registry",

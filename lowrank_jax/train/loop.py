@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lowrank_jax import memory
 from lowrank_jax.data import Dataset, IteratorState, build_dataset, make_tokenizer, resolve_source
 from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train.checkpoint import Checkpointer, CorruptCheckpointError
@@ -49,7 +50,7 @@ from lowrank_jax.train.resume import SchedulePlan, fingerprint, fresh_plan, resu
 from lowrank_jax.train.run_loop import TrainError, report, run_steps, summarize
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
-__all__ = ["TrainError", "train"]
+__all__ = ["TrainError", "step_memory", "train"]
 
 
 def train(
@@ -85,6 +86,42 @@ def train(
     mesh = make_run_mesh(cfg)  # and so does a mesh that does not fit the devices
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         return _train(cfg, entry, mesh, primary, log, warn)
+
+
+def step_memory(cfg: RunConfig, vocab_size: int | None = None) -> memory.CompiledMemory:
+    """XLA's memory analysis of the train step :func:`train` would compile for a fresh run of
+    ``cfg``: the same model config, optimizer, schedule, clipping, guard and shardings, lowered
+    with abstract arguments (nothing is allocated or trained, nothing is written to ``--out``).
+
+    Args:
+      cfg: the run configuration.
+      vocab_size: the tokenizer's vocabulary; ``None``: the byte tokenizer's, or the BPE
+        tokenizer ``--out`` holds, else one trained on ``--data`` as :func:`train` would (not
+        saved).
+
+    Example:
+      >>> from lowrank_jax.train.loop import step_memory
+      >>> cfg = RunConfig(model="llama_tiny", batch_size=2, seq_len=32, out="/tmp/run")
+      >>> step_memory(cfg, vocab_size=259).peak_bytes > 0
+      True
+    """
+    cfg.validate()
+    entry = get_optimizer(cfg.optimizer)
+    if vocab_size is None:
+        saved = os.path.join(cfg.out, "tokenizer.json")  # a BPE run's, which train() reuses
+        if cfg.tokenizer == "bpe" and os.path.exists(saved):
+            tokenizer = make_tokenizer("bpe", path=saved)
+        else:
+            documents = resolve_source(cfg.data)[1] if cfg.tokenizer == "bpe" else ()
+            tokenizer = make_tokenizer(cfg.tokenizer, documents, vocab_size=cfg.bpe_vocab_size)
+        vocab_size = tokenizer.vocab_size
+    mesh = make_run_mesh(cfg)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        model_config = _model_config(cfg, vocab_size)
+        plan = fresh_plan(cfg, entry.default_lr)
+        tx = _optimizer(cfg, entry, model_config, plan)
+        setup = _Setup.create(cfg, tx, model_config, mesh)
+        return memory.CompiledMemory.of(setup.compile_step(cfg, tx, plan))
 
 
 def check_out(out: str) -> None:
