@@ -312,8 +312,9 @@ class AdaLoRASchedule:
 
         def finalize(state: AllocatorState) -> tuple:
             pattern = self._mask_to_budget(state, budget, initial)
-            zeros = jax.tree.map(jnp.zeros_like, state.sensitivity)
-            return masked(pattern), AllocatorState(zeros, zeros, pattern)
+            # two trees of their own: a state holding one array twice cannot be donated
+            zeros = lambda: jax.tree.map(jnp.zeros_like, state.sensitivity)
+            return masked(pattern), AllocatorState(zeros(), zeros(), pattern)
 
         def hold(state: AllocatorState) -> tuple:
             return masked(state.pattern), state

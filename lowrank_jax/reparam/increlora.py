@@ -270,10 +270,10 @@ class IncreLoRASchedule:
         return self.target_rank * count
 
     def init(self, adapters: Adapters) -> IncreState:
-        zeros = {
-            s.path: jnp.zeros(adapters.frozen[s.path]["active"].shape) for s in _sites(adapters)
-        }
-        return IncreState(zeros, dict(zeros))
+        shapes = {s.path: adapters.frozen[s.path]["active"].shape for s in _sites(adapters)}
+        # separate arrays: a state holding one array twice cannot be donated to a jitted step
+        zeros = lambda: {path: jnp.zeros(shape) for path, shape in shapes.items()}
+        return IncreState(zeros(), zeros())
 
     def regularizer(self, adapters: Adapters) -> jax.Array:
         """``w·`` the orthogonality penalty of the active components (add it to the loss)."""

@@ -14,7 +14,11 @@ trains on the response tokens only:
   trains the adapters; the adapter is exported as a PEFT directory (LoRA, DoRA and the
   residual inits, converted by :func:`~lowrank_jax.reparam.to_base_lora`) or in
   :func:`lowrank_jax.reparam.save`'s format (the other methods); ``merge`` also writes the
-  merged HF checkpoint;
+  merged HF checkpoint. ``dylora`` trains as the paper: each step draws one rank
+  ``b ~ U{r_min..r_max}`` for every site (:func:`~lowrank_jax.reparam.dylora_sample_rank`,
+  from the step's key, inside the one compiled step); evaluation, the returned model and the
+  export are at ``r_max``. ``sora``, ``adalora`` and ``increlora`` are refused
+  (:data:`SCHEDULED_ADAPTERS`: their per-step schedules are not run here);
 * a registered optimizer (``galore``, ``fira``, ``apollo``, ``lisa``, ``adamw_8bit``,
   ``adamw``, ...: ``lowrank-jax optimizers``): every parameter is trained and the HF
   checkpoint is written.
@@ -66,18 +70,31 @@ from lowrank_jax.train.step import TrainState, make_train_step, warmup_cosine
 __all__ = [
     "ADAPTER_METHODS",
     "DEFAULT_TARGETS",
+    "SCHEDULED_ADAPTERS",
     "FinetuneConfig",
     "FinetuneResult",
     "finetune",
 ]
 
 # Reparameterizations that train with plain AdamW on their trainable arrays and need no
-# calibration data (EVA, LoRA-GA) or schedule of their own (AdaLoRA, IncreLoRA, SoRA).
+# calibration data (EVA, LoRA-GA) or schedule of their own (SCHEDULED_ADAPTERS); DyLoRA's
+# schedule (a rank drawn every step) is wired into the step here.
 ADAPTER_METHODS = (
     "lora", "dora", "pissa", "olora", "ffa_lora", "lora_xs", "vera", "nola", "dylora", "lamda",
     "loldu", "miss", "bone", "randlora", "wegeft", "hydra",
 )  # fmt: skip
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj/kernel"
+# Reparameterizations whose training needs a per-step schedule that ``finetune`` does not run:
+# refused with the APIs that do (experiments/finetune.py wires them), not trained without it.
+SCHEDULED_ADAPTERS = {
+    "sora": "its gates' proximal L1 step (reparam.sora_optimizer) and the sora_l1 penalty",
+    "adalora": "its rank allocation (reparam.AdaLoRASchedule: regularizer, then update after "
+    "each optimizer step)",
+    "increlora": "its rank growth (reparam.IncreLoRASchedule with "
+    "reparam.increlora_value_and_grad)",
+}
+# The fold_in index of DyLoRA's rank draw from a step's key (the dropout streams use 0, 1, ...)
+DYLORA_RANK_STREAM = 2**31 - 1
 # The settings a checkpoint must agree on to be resumed (the others only change what is logged).
 RUN_SHAPING = (
     "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
@@ -183,6 +200,13 @@ class FinetuneConfig:
         """
         from lowrank_jax.train.registry import available_optimizers
 
+        if self.method in SCHEDULED_ADAPTERS:
+            raise ConfigError(
+                f"--method {self.method}: finetune does not run "
+                f"{SCHEDULED_ADAPTERS[self.method]}, which it needs to train; train it from "
+                f"Python with those APIs (as experiments/finetune.py --methods {self.method} "
+                "does) or use another adapter method (lora, dylora, ...)"
+            )
         if not self.adapter and self.method not in available_optimizers():
             adapters, optimizers = ", ".join(ADAPTER_METHODS), ", ".join(available_optimizers())
             raise ConfigError(
@@ -399,13 +423,14 @@ def _rows(count: int, batch_size: int, seed: int) -> Any:
         pending = pending[batch_size:]
 
 
-def _losses(graph: Any) -> tuple[Callable, Callable]:
+def _losses(graph: Any, prepare: Callable | None = None) -> tuple[Callable, Callable]:
     """``(loss, summed)``: ``(sum, count)`` of the response-token cross-entropy, to train
     (``make_train_step``'s ``loss_fn``) and to evaluate.
 
     ``loss(trainable, batch, rest, key)`` trains: adapter dropout draws from ``key`` (one per
-    step, so a resumed run draws the same masks). ``summed(trainable, rest, batch)``
-    evaluates, dropout off.
+    step, so a resumed run draws the same masks), and so does ``prepare(frozen, key)``, when
+    given: the non-trained state of the training forward (DyLoRA's rank: :func:`_dylora_draw`).
+    ``summed(trainable, rest, batch)`` evaluates, dropout off, the model as stored.
     """
 
     def forward(
@@ -421,6 +446,8 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
                 for i, x in enumerate(leaves)
             ]
             rngs = jax.tree.unflatten(tree, leaves)
+        if key is not None and prepare is not None:
+            frozen = prepare(frozen, key)
         if key is not None and noise is not None:  # LoRA-GGPO: noisy base weights
             frozen = _ggpo_perturb(frozen, noise)
         model = nnx.merge(graph, trainable, rngs, frozen)
@@ -440,6 +467,43 @@ def _losses(graph: Any) -> tuple[Callable, Callable]:
         return forward(trainable, rest, batch, None)
 
     return loss, summed
+
+
+def _dylora_draw(model: Any) -> Callable[[Any, jax.Array], dict] | None:
+    """DyLoRA's schedule for the training forward of a wrapped model (``None`` without DyLoRA
+    sites): ``draw(frozen, key)`` is the model's non-trained state (a plain dict) with one rank
+    ``b ~ U{r_min..r_max}`` for every site (:func:`~lowrank_jax.reparam.dylora_sample_rank`),
+    drawn from the step's ``key``. ``b`` is a traced array, so one compiled step serves every
+    rank; the stored ``b`` (``r_max``), which evaluation and the export use, is not changed."""
+    from lowrank_jax.reparam.core import Adapters
+    from lowrank_jax.reparam.dylora import DyLoRA
+    from lowrank_jax.reparam.nnx import Adapted
+
+    layers = {
+        path: layer.site
+        for path, layer in nnx.iter_graph(model)
+        if isinstance(layer, Adapted) and isinstance(layer.site.method, DyLoRA)
+    }
+    if not layers:
+        return None
+
+    def draw(frozen: Any, key: jax.Array) -> dict:
+        tree = dict(nnx.to_pure_dict(frozen) if isinstance(frozen, nnx.State) else frozen)
+        nodes = {}  # the adapter dict of each site, in this (fresh) tree
+        for path, site in layers.items():
+            node = tree
+            for name in (*path, "adapter"):
+                node[name] = dict(node[name])  # copied along the path: nothing shared changes
+                node = node[name]
+            nodes[site.path] = node
+        sites = tuple(layers.values())
+        now = Adapters({}, {p: {"b": node["b"]} for p, node in nodes.items()}, sites)
+        drawn = reparam.dylora_sample_rank(jax.random.fold_in(key, DYLORA_RANK_STREAM), now)
+        for p, node in nodes.items():
+            node["b"] = drawn.frozen[p]["b"]
+        return tree
+
+    return draw
 
 
 def _ggpo_perturb(frozen: Any, noise: Any) -> dict:
@@ -640,7 +704,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see
         tx = _optimizer(cfg, schedule)
     rest = (rngs, frozen)  # what the model needs besides the trained arrays
-    loss_fn, summed = _losses(graph)
+    # DyLoRA trains at a rank drawn every step (from the step's key, inside the compiled step)
+    loss_fn, summed = _losses(graph, _dylora_draw(model) if cfg.adapter else None)
     # the pre-training step: global-norm clipping at 1, the non-finite guard (a bad batch is
     # skipped, nothing changes), gradient accumulation; state donated
     if cfg.layerwise:  # full-parameter methods only (validate): nothing besides the weights

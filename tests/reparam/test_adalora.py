@@ -186,3 +186,29 @@ def test_nnx_fast_path(key):
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def _donate(state):
+    """Runs a jitted update that donates ``state`` (fails if two leaves share a buffer)."""
+    step = jax.jit(
+        lambda s: jax.tree.map(lambda x: x if x.dtype == bool else x + 1, s), donate_argnums=0
+    )
+    return jax.block_until_ready(step(state))
+
+
+def test_allocator_states_can_be_donated(key):
+    params = family.tree()
+    _, adapters = R.adalora(4).init(key, params)
+    schedule = R.AdaLoRASchedule(total_step=10, target_r=2, tfinal=2)
+    grads = jax.tree.map(jnp.ones_like, adapters.trainable)
+    _donate(schedule.init(adapters))
+    # step 8 = total_step - tfinal: the final masking, which resets the EMAs. Run eagerly (the
+    # branch executes in Python, as in a debugging session) and jitted.
+    with jax.disable_jit():
+        _, final = schedule.update(8, perturb(adapters), grads, schedule.init(adapters))
+    ids = [id(x) for x in jax.tree.leaves(final)]
+    assert len(ids) == len(set(ids))
+    after = _donate(final)
+    np.testing.assert_array_equal(after.sensitivity[next(iter(after.sensitivity))]["E"], 1.0)
+    _, final = jax.jit(schedule.update)(8, perturb(adapters), grads, schedule.init(adapters))
+    _donate(final)

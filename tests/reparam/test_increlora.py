@@ -148,3 +148,13 @@ def test_nnx_fast_path(key):
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_schedule_state_can_be_donated(key):
+    _, adapters = R.increlora(4, init_rank=1).init(key, family.tree())
+    state = R.IncreLoRASchedule().init(adapters)
+    ids = [id(x) for x in jax.tree.leaves(state)]
+    assert len(ids) == len(set(ids))
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    after = jax.block_until_ready(step(state))
+    assert all(bool(jnp.all(x == 1)) for x in jax.tree.leaves(after))

@@ -445,3 +445,49 @@ def test_ggpo_noise_perturbs_only_the_adapted_base_weights(checkpoint):
         np.testing.assert_allclose(noise.var(axis=0).mean(), variance.mean(), rtol=0.3)
         assert not np.allclose(np.asarray(two), np.asarray(one))  # fresh noise each step
     assert seen == len(sites)
+
+
+def test_dylora_draws_a_rank_every_step(checkpoint, tmp_path):
+    """--method dylora trains the nested truncation at a rank drawn each step (inside the one
+    compiled step, from the step's key), as the reference does: in the default frozen mode only
+    the drawn component gets a gradient, so after a few steps several rows of B (zero at init)
+    have moved, not just the last one (r_max). Evaluation and the export are at r_max."""
+    from lowrank_jax import reparam
+
+    model, data = checkpoint
+    out = str(tmp_path / "dylora")
+    cfg = FinetuneConfig(model=model, data=data, out=out, method="dylora", rank=4, lr=1e-2,
+                         steps=6, batch_size=2, max_seq_len=64)  # fmt: skip
+    result = finetune(cfg, **QUIET)
+    adapters = reparam.adapters_of(result.model)
+    assert len(adapters.sites) == 14
+    for path, arrays in adapters.trainable.items():
+        moved = np.flatnonzero(np.any(np.asarray(arrays["B"]) != 0, axis=-1))
+        assert len(moved) > 1, (path, moved)
+        assert int(adapters.frozen[path]["b"]) == 4, path  # the model it returns: at r_max
+    summary = _records(out)[-1]
+    assert summary["val_loss"] < summary["val_loss_before"]
+    # the saved adapter is at r_max too: it reloads with the returned model's logits
+    reloaded, _ = load_with_adapter(model, os.path.join(out, "adapter"))
+    tokens = _tokens(result.tokenizer)
+    np.testing.assert_allclose(
+        np.asarray(forward(reloaded, tokens)), np.asarray(forward(result.model, tokens)), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "method, api",
+    [("sora", "reparam.sora_optimizer"), ("adalora", "reparam.AdaLoRASchedule"),
+     ("increlora", "reparam.IncreLoRASchedule")],
+)  # fmt: skip
+def test_adapters_with_a_schedule_finetune_does_not_run_are_refused(
+    checkpoint, tmp_path, capsys, method, api
+):
+    """SoRA, AdaLoRA and IncreLoRA need a per-step schedule of their own: refused with one
+    line naming the method and the APIs that train it, never trained without it."""
+    model, data = checkpoint
+    err = _error(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "o"),
+                  "--steps", "1", "--method", method], capsys)  # fmt: skip
+    assert f"--method {method}: finetune does not run" in err and api in err
+    assert f"experiments/finetune.py --methods {method}" in err
+    assert not os.path.exists(tmp_path / "o")
