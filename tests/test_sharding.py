@@ -177,6 +177,23 @@ def test_state_specs_fit_low_rank_shapes():
     assert P("fsdp", "tensor") in mu and P() in mu
 
 
+def test_fsdp_divides_projected_moments_where_the_rank_allows():
+    """A moment the projection resized (rank 8 replaces the kernel's fsdp-sharded ``in``)
+    keeps the fsdp axis on the rank dimension when it divides (rank 6 above: replicated, and
+    not an error even with strict=True); APOLLO, whose random basis is regenerated and carries
+    no sharding, keeps its moments' rank dimension replicated (README: the v5e 2x2 figures)."""
+    params = make_params(jax.random.key(0))
+    mesh = sharding.make_mesh(4, 2)
+    up = lambda state: state.lowrank_state.mu["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    galore = sharding.state_specs(lr.galore_adamw(1e-2, rank=8), params, SPECS, mesh)[0]
+    assert up(galore) == P("fsdp", "tensor")  # (8, 64) of a (32, 64) kernel
+    apollo = sharding.state_specs(lr.apollo_adamw(1e-2, rank=8), params, SPECS, mesh)[0]
+    assert up(apollo) == P(None, "tensor")
+    strict = sharding.state_specs(lr.galore_adamw(1e-2, rank=6), params, SPECS, mesh,
+                                  strict=True)[0]  # fmt: skip
+    assert up(strict) == P(None, "tensor")
+
+
 def test_indivisible_dimensions_replicate_or_raise():
     mesh = sharding.make_mesh(4, 2)
     assert sharding.fit_spec((6, 32), P("fsdp", "tensor"), mesh) == P(None, "tensor")
