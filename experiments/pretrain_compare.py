@@ -31,6 +31,7 @@ smoothed over :data:`SMOOTH` steps; state-memory and throughput bars), drawn by
     python experiments/pretrain_compare.py --replot           # redraw the PNG from the JSON
     python experiments/pretrain_compare.py --peaks-only       # measure the step peaks of the
                                                               # JSON's rows (no training)
+    python experiments/pretrain_compare.py --reparam          # add LoRA, ReLoRA, Low-Rank rows
 
 ``--lr-grid`` and ``--ablate`` write ``pretrain_compare_lr_grid.json`` /
 ``pretrain_compare_<rank|gap>.json`` (and their figures); ``--ablate`` varies the low-rank
@@ -38,6 +39,19 @@ methods named by ``--methods`` (default: GaLore). AdamW at its default rate is a
 the reference of the ratios. Not run (:data:`NOT_RUN`): OwLore, which needs per-layer sampling
 probabilities from a trained model's outliers (``--opt probs=...``), and SST, which is not a
 trainer optimizer (it trains the weights in spectral form, another parameter tree).
+
+``--reparam`` adds the GaLore paper's other pre-training baselines (its Table 2), which train
+adapters or factors rather than the weights, so the trainer cannot run them: LoRA (``W0 + s·A B``
+on the frozen random init), ReLoRA (LoRA merged into ``W0`` and restarted every
+:data:`RELORA_EVERY` steps, 99% of the adapters' Adam moments pruned, jagged cosine) and Low-Rank
+(``W = s·A B``, no base), all at rank 32 with ``alpha = 32`` on the attention and MLP matrices
+(embeddings, norms and head trained fully), through :mod:`pretrain_reparam` on the trainer's
+data, batches, init, schedule, clipping and evaluation. Each method's learning rate is the best
+of :data:`REPARAM_LRS` on seed 0 (extended by half a decade, up to :data:`REPARAM_EXTEND`
+times, while the best is at an edge), then every other seed runs at it. The rows go into the
+existing JSON (its size and seeds); their throughput ratio is to AdamW runs timed in the same
+process (``throughput_reference_tokens_per_s``), as the host's load differs from the other
+rows'.
 """
 
 from __future__ import annotations
@@ -63,6 +77,11 @@ from lowrank_jax.models import get_config
 from lowrank_jax.train import RunConfig, TrainError, get_optimizer, step_memory, train
 from lowrank_jax.train.plot import draw_figure, read_run
 
+try:
+    from experiments import pretrain_reparam
+except ModuleNotFoundError:  # run as a script: python experiments/pretrain_compare.py
+    import pretrain_reparam
+
 RESULTS = pathlib.Path(__file__).with_name("results")
 REFERENCE = "adamw"
 METHODS = (
@@ -85,6 +104,13 @@ SIZES = {
 # --ablate: GaLore's rank as hidden_size // d, and its refresh gap in steps.
 RANK_DIVISORS = (32, 16, 8, 4, 2)
 GAPS = (10, 25, 50, 100, 200)
+# --reparam: the GaLore paper's other pre-training baselines (Table 2), not trainer optimizers:
+# row name -> pretrain_reparam kind. Each at rank 32 (the trainer's hidden / 4), LoRA alpha 32.
+REPARAM_METHODS = {"lora": "lora", "relora": "relora", "low-rank (W = BA)": "lowrank"}
+REPARAM_LRS = (1e-3, 3e-3, 1e-2)  # the seed-0 grid of each; the other seeds at its best
+REPARAM_EXTEND = 2  # at most this many half-decade steps past a grid edge that wins
+RELORA_EVERY = 50  # steps between ReLoRA's merge-and-restarts
+RELORA_WARMUP = 5  # steps of ReLoRA's re-warmup after each restart
 SMOOTH = 10  # steps of the training-loss moving average in the figure
 TRAINER_DEFAULTS = ("update_proj_gap", "galore_scale", "grad_clip", "weight_decay",
                     "min_lr_ratio", "val_fraction")  # fmt: skip
@@ -160,8 +186,14 @@ def add_step_peaks(rows: dict, size: dict, log=print) -> None:
     """Measures every row's compiled step (:func:`step_peak`); adds ``step_memory`` and its
     ``step_peak_ratio`` to the reference's (the first row, AdamW)."""
     for name, row in rows.items():
-        fields = {f.name: row[f.name] for f in dataclasses.fields(Variant)}
-        row["step_memory"] = step_peak(Variant(**fields), size)
+        if "reparam" in row:  # not a trainer run: its own compiled step
+            spec = pretrain_reparam.ReparamSpec(**row["reparam"])
+            cfg = run_config(Variant(REFERENCE, REFERENCE), size, 0, tempfile.gettempdir())
+            stats = pretrain_reparam.step_peak(pretrain_reparam.build(spec, cfg, row["lr"]))
+            row["step_memory"] = {**stats._asdict(), "peak_bytes": stats.peak_bytes}
+        else:
+            fields = {f.name: row[f.name] for f in dataclasses.fields(Variant)}
+            row["step_memory"] = step_peak(Variant(**fields), size)
         log(f"step peak {name:24} {memory.human(row['step_memory']['peak_bytes'])}")
     reference = rows[REFERENCE]["step_memory"]["peak_bytes"]
     for row in rows.values():
@@ -325,6 +357,156 @@ def step_memory_info() -> dict:
     }
 
 
+def reparam_spec(kind: str, args: argparse.Namespace, hidden: int) -> pretrain_reparam.ReparamSpec:
+    """The spec of a ``--reparam`` method: the trainer's rank (``hidden / 4``), alpha 32."""
+    return pretrain_reparam.ReparamSpec(
+        kind, rank=max(1, hidden // 4), alpha=32.0, relora_every=args.relora_every,
+        relora_warmup=args.relora_warmup, relora_prune=args.relora_prune,
+    )  # fmt: skip
+
+
+def next_lr(grid: dict[float, float | None]) -> float | None:
+    """The next learning rate of a seed-0 grid ``{lr: val loss}`` (``None``: diverged): half a
+    decade (on the 1, 3, 10 ladder) past the edge that holds the best loss, or ``None`` when the
+    best is inside the grid (bracketed).
+
+    Example:
+      >>> next_lr({1e-3: 2.0, 3e-3: 2.5, 1e-2: None}), next_lr({1e-3: 2.0, 3e-3: 1.5, 1e-2: 3.0})
+      (0.0003, None)
+    """
+    losses = {lr: (math.inf if v is None else v) for lr, v in grid.items()}
+    best = min(losses, key=losses.get)
+    if best not in (min(losses), max(losses)):
+        return None
+    value = best / math.sqrt(10) if best == min(losses) else best * math.sqrt(10)
+    exponent = math.floor(math.log10(value))
+    mantissa = value / 10**exponent  # to the 1, 3, 10 ladder: 3.16e-4 -> 3e-4, 9.5e-5 -> 1e-4
+    mantissa = 1 if mantissa < 1.7 else 3 if mantissa < 5.5 else 10
+    return float(f"{mantissa * 10**exponent:.0e}")
+
+
+def reparam_row(name: str, spec, runs: list[dict], grid: list[dict], reference: dict,
+                adamw_rate: float | None) -> dict:  # fmt: skip
+    """A ``--reparam`` row: :func:`aggregate`'s fields (its state ratio to the reference row's
+    AdamW state), the spec, the seed-0 lr grid, and the throughput ratio to the AdamW runs
+    timed in the same process (``throughput_reference_tokens_per_s``)."""
+    row = aggregate(Variant(name, "adamw"), runs, reference)
+    row["optimizer"] = "adamw (over the adapters and the unadapted leaves)"
+    row["reparam"] = dataclasses.asdict(spec)
+    row["lr_grid_seed0"] = [{"lr": r["lr"], "val_loss": r["val_loss"]} for r in grid]
+    row["trainable_params"] = runs[0]["trainable_params"]
+    row["frozen_params"] = runs[0]["frozen_params"]
+    row["restarts"] = runs[0]["restarts"]
+    row["throughput_reference_tokens_per_s"] = adamw_rate
+    row["throughput_ratio"] = (
+        row["tokens_per_s"] / adamw_rate if row["tokens_per_s"] and adamw_rate else None
+    )
+    return row
+
+
+def run_reparam(args: argparse.Namespace, argv, size: dict, seeds: int, out: pathlib.Path,
+                log=print) -> dict:  # fmt: skip
+    """``--reparam``: LoRA, ReLoRA and Low-Rank (:mod:`pretrain_reparam`) at the JSON's size,
+    added to its rows (a new JSON with AdamW's row when there is none). Each method's lr is the
+    best of :data:`REPARAM_LRS` on seed 0; the other seeds run at it. AdamW runs first on every
+    seed through the trainer, in this process: the throughput reference of these rows, and a
+    check that the data and evaluation are the existing rows' (its val loss is recorded)."""
+    result = json.loads(out.read_text()) if out.is_file() else None
+    if result is not None:
+        size = result["size"]
+        seeds = len(result["seeds"])
+    hidden = get_config(size["model"]).hidden_size
+    lrs = [float(x) for x in args.reparam_lrs.split(",")] if args.reparam_lrs else REPARAM_LRS
+    names = args.reparam_methods or list(REPARAM_METHODS)
+    with tempfile.TemporaryDirectory() as root:
+        adamw_runs = []
+        for seed in range(seeds):
+            record = run_one(Variant(REFERENCE, REFERENCE), size, seed, f"{root}/adamw-{seed}")
+            adamw_runs.append(record)
+            log(f"seed {seed} adamw (trainer, reference) val loss {record['val_loss']:.4f}, "
+                f"{record['tokens_per_s']:,.0f} tokens/s", flush=True)  # fmt: skip
+    if result is None:
+        reference = aggregate(Variant(REFERENCE, REFERENCE), adamw_runs, None)
+        rows = {REFERENCE: reference}
+        add_step_peaks(rows, size, log)
+        result = {
+            "command": command(argv), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend(), "size": size,
+            "seeds": list(range(seeds)), "lr_grid": [1.0], "ablate": None,
+            "trainer_defaults": {"rank": max(1, hidden // 4), **{k: getattr(RunConfig(), k)
+                                 for k in TRAINER_DEFAULTS}},
+            "not_run": NOT_RUN, "reference": REFERENCE, **step_memory_info(), "methods": rows,
+        }  # fmt: skip
+    rows = result["methods"]
+    reference = rows[REFERENCE]
+    adamw_rate = float(np.mean([r["tokens_per_s"] for r in adamw_runs]))
+    cfg = lambda seed: run_config(Variant(REFERENCE, REFERENCE), size, seed, tempfile.gettempdir())
+    for name in names:
+        spec = reparam_spec(REPARAM_METHODS[name], args, hidden)
+        grid, todo = [], sorted(lrs)
+        for extra in range(args.reparam_extend + 1):
+            for lr in todo:
+                record = pretrain_reparam.train_reparam(spec, cfg(0), lr)
+                grid.append(record)
+                log(f"seed 0 {name:24} lr {lr:g}: val loss {record['val_loss']} "
+                    f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+            lr = next_lr({r["lr"]: r["val_loss"] for r in grid})
+            if lr is None or extra == args.reparam_extend:
+                break
+            log(f"{name}: the best lr is at the grid's edge; adding {lr:g}")
+            todo = [lr]
+        grid.sort(key=lambda r: r["lr"])
+        finite = [r for r in grid if r["val_loss"] is not None]
+        best = min(finite, key=lambda r: r["val_loss"]) if finite else grid[0]
+        runs = [best]
+        for seed in range(1, seeds):
+            record = pretrain_reparam.train_reparam(spec, cfg(seed), best["lr"])
+            runs.append(record)
+            log(f"seed {seed} {name:24} lr {best['lr']:g}: val loss {record['val_loss']} "
+                f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+        stats = pretrain_reparam.step_peak(best["_setup"])
+        runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+        grid = [{k: v for k, v in r.items() if not k.startswith("_")} for r in grid]
+        row = reparam_row(name, spec, runs, grid, reference, adamw_rate)
+        row["lr_at_grid_edge"] = next_lr({r["lr"]: r["val_loss"] for r in grid}) is not None
+        row["step_memory"] = {**stats._asdict(), "peak_bytes": stats.peak_bytes}
+        if "step_memory" in reference:
+            row["step_peak_ratio"] = stats.peak_bytes / reference["step_memory"]["peak_bytes"]
+        rows[name] = row
+    invocation = {
+        "command": command(argv),
+        "methods": names,
+        "lr_grid": lrs,
+        "lr_grid_extend": args.reparam_extend,
+        "adamw_rerun": [{"seed": r["seed"], "val_loss": r["val_loss"],
+                         "tokens_per_s": r["tokens_per_s"]} for r in adamw_runs],  # fmt: skip
+    }
+    for name in names:
+        rows[name]["command"] = invocation["command"]
+    before = result.get("reparam", {})
+    if "adamw_rerun" in before:  # the first --reparam run's record, before invocations
+        first = {k: before.pop(k) for k in ("lr_grid", "adamw_rerun")}
+        before["invocations"] = [{"command": result["commands"][-1],
+                                  "methods": list(before["methods"]), **first}]  # fmt: skip
+    result["reparam"] = {
+        "methods": {**before.get("methods", {}), **{n: REPARAM_METHODS[n] for n in names}},
+        "relora_every": args.relora_every,
+        "relora_warmup": args.relora_warmup,
+        "relora_prune": args.relora_prune,
+        "alpha": 32.0,
+        "how": pretrain_reparam.__doc__.split("\n\n")[0],
+        "invocations": [*before.get("invocations", []), invocation],
+    }
+    result["table"] = table(rows)
+    result["commands"] = [*result.get("commands", [result["command"]]), command(argv)]
+    log(result["table"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    save_figure(rows, out.with_suffix(".png"), figure_title(result))
+    log(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -345,6 +527,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--peaks-only", action="store_true",
                         help="no training: measure the compiled step peak of every row of the "
                         "JSON file that --out names, rewrite its rows and table")  # fmt: skip
+    parser.add_argument("--reparam", action="store_true",
+                        help="pre-train LoRA, ReLoRA and Low-Rank (W = BA) through "
+                        "pretrain_reparam and add their rows to the JSON file (the default one, "
+                        "or --out)")  # fmt: skip
+    parser.add_argument("--reparam-methods", nargs="+", choices=list(REPARAM_METHODS),
+                        help="with --reparam: which of them [all]")  # fmt: skip
+    parser.add_argument("--reparam-lrs", metavar="LR,LR,...",
+                        help=f"with --reparam: the seed-0 lr grid [{REPARAM_LRS}]")  # fmt: skip
+    parser.add_argument("--reparam-extend", type=int, default=REPARAM_EXTEND,
+                        help="with --reparam: lrs added past a winning grid edge, half a decade "
+                        f"each [{REPARAM_EXTEND}]")  # fmt: skip
+    parser.add_argument("--relora-every", type=int, default=RELORA_EVERY,
+                        help=f"with --reparam: ReLoRA's restart period [{RELORA_EVERY}]")
+    parser.add_argument("--relora-warmup", type=int, default=RELORA_WARMUP,
+                        help=f"with --reparam: ReLoRA's re-warmup steps [{RELORA_WARMUP}]")
+    parser.add_argument("--relora-prune", type=float, default=0.99,
+                        help="with --reparam: the fraction of the adapters' Adam moments ReLoRA "
+                        "zeroes at a restart [0.99]")  # fmt: skip
     for key, value in SIZES["default"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value),
                             help=f"override the size's {key} [{value}]")  # fmt: skip
@@ -385,6 +585,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
         return result
+    if args.reparam:
+        out = pathlib.Path(args.out or RESULTS / f"{stem.replace('_lr_grid', '')}.json")
+        return run_reparam(args, argv, size, seeds, out)
     print(f"{len(todo)} variants x {seeds} seeds on {size['model']}, {size['steps']} steps")
 
     runs: dict[str, list[dict]] = {v.name: [] for v in todo}
