@@ -52,6 +52,34 @@ derived from ``r`` and the step count ``T``; the constants below):
   ``[L, in, out]`` for the adapters and split back for the model. Reports its trained values
   against the de-sharded per-layer LoRA's (:func:`~lowrank_jax.reparam.mos_to_lora`).
 
+The mixtures of LoRA experts (:data:`ROUTED`, ``--methods ...``, at LoRA's rate too) add
+per-token routed experts (:func:`~lowrank_jax.reparam.wrap_experts`) to every attention and MLP
+matrix of the pre-trained model; the gates depend on the token, so the wrapped model runs as
+it is (a :class:`Mixture`: ``nnx.LoRAParam`` arrays trained, the rest frozen), never merged.
+The Python modules are split into :data:`TASKS` contiguous groups, a block's task id the group
+most of its tokens come from (:func:`task_labels`; every row sees the same batches):
+
+* ``xlora``: :func:`~lowrank_jax.reparam.xlora` over :data:`TASKS` frozen rank-``r`` LoRA
+  experts, each first trained like the ``lora`` row on its task's blocks for ``T/TASKS`` steps
+  (``T`` in all, not counted in the row), then :class:`~lowrank_jax.reparam.XLoRA`'s scaling
+  head (depth 1, shared by the layers, softmax) trained for ``T`` steps. The head reads the
+  input of the final norm (``lm_head``'s input is flattened to tokens in this model);
+* ``mola``: :func:`~lowrank_jax.reparam.mola` (:data:`MOLA_EXPERTS` experts of rank ``r``,
+  ``α = r``, from the bottom layer group up, top-2 softmax routing) with its balance loss,
+  summed over the routed matrices, in the loss at weight :data:`MOLA_BALANCE`;
+* ``smora``: :func:`~lowrank_jax.reparam.smora` (:data:`SMORA_RANKS` ``· r`` rank-1 experts,
+  the top ``r`` per token, ``α = r``, the reference's bias update rate ``1e-5``): no loss term,
+  the router bias is moved by the balancing rule in every training forward;
+* ``meteora``: :func:`~lowrank_jax.reparam.meteora` (one rank-``r`` expert per task, trained,
+  top-2) with :func:`~lowrank_jax.reparam.gate_loss` against the blocks' task ids in the loss
+  at weight :data:`METEORA_GATE`.
+
+Their reported loss is the cross-entropy alone (the added term is in ``aux_losses``); the
+figures, on the held-out Python blocks, are the load shares per layer (mean over its
+matrices), the balance ``E Σ f_e P̄_e`` (1 when balanced), the added term, the gates'
+mean absolute change, and X-LoRA's scalings by task, MeteoRA's share of tokens whose top
+expert is their task's, SMoRA's range of load shares and bias.
+
 Reports per method the trainable parameters, the optimizer-state bytes
 (``lowrank_jax.memory.state_bytes`` of what is optimized), the held-out loss on the new domain
 before and after, the KJV held-out loss after (forgetting; the pre-training run's own split)
@@ -110,6 +138,15 @@ SCHEDULED = ("sora", "dylora", "adalora", "increlora", "mos")
 SORA_L1 = 0.1  # η: the weight of sora_l1 (the mean |gate|) in the loss
 SORA_XI = 1e-3  # ξ: the proximal step's threshold per step (not scaled by the learning rate)
 INCRELORA_TOP_H = 4  # matrices grown per growth step
+# The mixtures of LoRA experts (--methods ...), at LoRA's rate too: routed adapters
+# (reparam.wrap_experts), computed per token, so they run as a wrapped model (a Mixture), not as
+# a rewrite of the weights (the settings are in the module docstring).
+ROUTED = ("xlora", "mola", "smora", "meteora")
+TASKS = 4  # pseudo-tasks: PYTHON_MODULES in this many contiguous groups (X-LoRA's, MeteoRA's)
+MOLA_EXPERTS = (2, 4, 6, 8)  # the paper's "2468", bottom to top
+MOLA_BALANCE = 1e-3  # MoLA's weight of the summed balance loss
+SMORA_RANKS = 8  # SMoRA: SMORA_RANKS * r rank-1 experts, the top r per token
+METEORA_GATE = 50.0  # MeteoRA's weight of its gate loss
 
 # Standard-library modules (single files in Python 3.10-3.13), in this order.
 PYTHON_MODULES = (
@@ -352,6 +389,201 @@ def mos_setup(params: dict, rank: int, seed: int) -> tuple:
     return adapters.trainable, (rest, stacked, adapters.replace(trainable={})), effective
 
 
+def task_labels(texts: Sequence[str], size: dict, val_fraction: float) -> tuple:
+    """``(train, val)`` task ids of the packed blocks (as :func:`build_dataset` packs and splits
+    them): the documents in :data:`TASKS` contiguous groups, a block's task the one most of its
+    tokens come from."""
+    groups = np.array_split(np.arange(len(texts)), TASKS)
+    owner = np.empty(len(texts), np.int32)
+    for task, docs in enumerate(groups):
+        owner[docs] = task
+    lengths = [len(ByteTokenizer().encode(t)) + 1 for t in texts]  # each document, then eos
+    tokens = np.repeat(owner, lengths)
+    block = size["seq_len"] + 1
+    n = len(tokens) // block
+    per_block = tokens[: n * block].reshape(n, block)
+    labels = np.array([np.bincount(b, minlength=TASKS).argmax() for b in per_block], np.int32)
+    period = max(2, round(1 / val_fraction))
+    is_val = np.arange(n) % period == period - 1
+    return labels[~is_val], labels[is_val]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """A routed method's wrapped model, split for the jitted step.
+
+    The model is ``nnx.merge(graphdef, trainable, bias, rest)``: ``trainable`` the
+    ``nnx.LoRAParam`` arrays (experts, routers, X-LoRA's head), ``bias`` SMoRA's
+    :class:`~lowrank_jax.reparam.RouterBias` (updated by the forward, carried from step to
+    step), ``rest`` the frozen arrays. Batches carry the task id as a last column.
+    ``aux(records, labels)`` is the method's term added to the loss (``None``: none).
+    """
+
+    name: str
+    train_graph: nnx.GraphDef
+    eval_graph: nnx.GraphDef
+    aux: Callable | None
+    info: dict
+
+    def forward(self, graph: nnx.GraphDef, trainable: Any, bias: Any, rest: Any, batch: Any):
+        """``(cross-entropy, records, bias after the call)``."""
+        model = nnx.merge(graph, trainable, bias, rest)
+        with reparam.collect_routing() as records:
+            logits = model(batch[:, :-2])
+        bias = nnx.to_pure_dict(nnx.state(model, reparam.RouterBias))
+        return cross_entropy(logits, batch[:, 1:-1]), records, bias
+
+    def loss(self, trainable: Any, rest: Any, bias: Any, batch: Any) -> tuple:
+        """``(objective, (cross-entropy, aux term, bias))``."""
+        ce, records, bias = self.forward(self.train_graph, trainable, bias, rest, batch)
+        aux = jnp.float32(0.0) if self.aux is None else self.aux(records, batch[:, -1])
+        return ce + aux, (ce, aux, bias)
+
+    def eval_step(self, state: tuple, batch: Any) -> jax.Array:
+        trainable, rest, bias = state
+        return self.forward(self.eval_graph, trainable, bias, rest, batch)[0]
+
+    def routing(self, state: tuple, batch: Any) -> dict:
+        """Per routed matrix (in layer order): load shares, balance and, with a router, the
+        share of tokens whose top expert is the block's task; X-LoRA: the head's scalings."""
+        trainable, rest, bias = state
+        ce, records, _ = self.forward(self.eval_graph, trainable, bias, rest, batch)
+        out = {"load": [r.load for r in records], "balance": [r.balance for r in records]}
+        if records[0].logits is not None:
+            label = batch[:, -1][:, None]
+            out["top_is_task"] = [jnp.mean(jnp.argmax(r.logits, -1) == label) for r in records]
+        if self.aux is not None:
+            out["aux"] = self.aux(records, batch[:, -1])
+        if self.name == "xlora":
+            model = nnx.merge(self.eval_graph, trainable, bias, rest)
+            scalings = model.scalings(model.hidden(batch[:, :-2]))  # (batch, seq, layers, E)
+            out["scalings"] = jnp.mean(scalings, axis=(1, 2))  # (batch, E)
+        return out
+
+
+def _lora_expert(graphdef, params, blocks, size, lr, steps, seed) -> reparam.Adapters:
+    """A rank-r LoRA trained like the ``lora`` row, on ``blocks`` for ``steps`` steps."""
+    schedule = warmup_cosine(lr, steps, max(1, steps // 10))
+    trainable, context, tx, effective, _ = setup("lora", params, size, schedule, seed)
+
+    def loss_fn(trainable, batch):
+        model = nnx.merge(graphdef, effective(trainable, context))
+        return cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+
+    @jax.jit
+    def step(trainable, opt_state, batch):
+        grads = jax.grad(loss_fn)(trainable, batch)
+        factor = jnp.minimum(1.0, GRAD_CLIP / (optax.tree.norm(grads) + 1e-6))
+        updates, opt_state = tx.update(jax.tree.map(lambda g: g * factor, grads), opt_state,
+                                       trainable)  # fmt: skip
+        return optax.apply_updates(trainable, updates), opt_state
+
+    opt_state = tx.init(trainable)
+    batches = BatchIterator(blocks, size["batch_size"], seed)
+    for _ in range(steps):
+        trainable, opt_state = step(trainable, opt_state, jnp.asarray(next(batches)))
+    return context[1].replace(trainable=trainable)
+
+
+def routed_setup(name: str, graphdef: nnx.GraphDef, params: dict, size: dict, lr: float,
+                 seed: int, train: np.ndarray) -> tuple:  # fmt: skip
+    """``(trainable, rest, bias, tx-less Mixture)`` for X-LoRA, MoLA, SMoRA or MeteoRA on the
+    pretrained model (the settings are in the module docstring); ``train`` are the training
+    blocks with their task id as a last column (X-LoRA's experts)."""
+    rank, rngs = size["rank"], nnx.Rngs(params=seed)
+    model = nnx.merge(graphdef, params)
+    info: dict = {}
+    aux = None
+    if name == "xlora":
+        steps = max(1, size["steps"] // TASKS)
+        experts = [
+            _lora_expert(graphdef, params, train[train[:, -1] == k, :-1], size, lr, steps,
+                         seed + 1 + k)
+            for k in range(TASKS)
+        ]  # fmt: skip
+        model = reparam.wrap_experts(model, reparam.xlora(TASKS), experts=experts)
+        model = reparam.XLoRA(model, hidden_size=model.config.hidden_size,
+                              hidden_from="final_norm", rngs=rngs)  # fmt: skip
+        info = {"expert_steps": steps, "expert_params": TASKS * sum(
+            int(np.size(x)) for x in jax.tree.leaves(experts[0].trainable))}  # fmt: skip
+    elif name == "mola":
+        layers = len(params["layers"])
+        routing = reparam.mola(MOLA_EXPERTS, num_layers=layers, rank=rank, alpha=rank)
+        model = reparam.wrap_experts(model, routing, rngs=rngs)
+        aux = lambda records, labels: MOLA_BALANCE * records.balance_loss()
+    elif name == "smora":
+        routing = reparam.smora(SMORA_RANKS * rank, top_k=rank, alpha=rank)
+        model = reparam.wrap_experts(model, routing, rngs=rngs)
+    elif name == "meteora":
+        model = reparam.wrap_experts(model, reparam.meteora(TASKS, rank=rank), rngs=rngs)
+        aux = lambda records, labels: METEORA_GATE * reparam.gate_loss(records, labels)
+    else:
+        raise ValueError(f"no mixture for {name!r}; one of {ROUTED}")
+    model.train()
+    train_graph, trainable, bias, rest = nnx.split(model, nnx.LoRAParam, reparam.RouterBias, ...)
+    model.eval()
+    eval_graph = nnx.graphdef(model)
+    pure = nnx.to_pure_dict
+    mixture = Mixture(name, train_graph, eval_graph, aux, info)
+    return pure(trainable), pure(rest), pure(bias), mixture
+
+
+def gate_change(start: Any, trainable: Any) -> float:
+    """The mean absolute change of the gates' parameters (the routers, X-LoRA's head)."""
+    gates = lambda tree: [np.ravel(x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                          if "router" in path_str(kp) or "head" in path_str(kp)]  # fmt: skip
+    before, after = np.concatenate(gates(start)), np.concatenate(gates(trainable))
+    return float(np.mean(np.abs(after - before)))
+
+
+def routed_figures(mixture: Mixture, state: tuple, blocks: np.ndarray, batch_size: int) -> dict:
+    """What a routed run says after training, on the held-out Python blocks: the experts'
+    load shares per layer (mean over its matrices), the balance loss ``E Σ f_e P̄_e`` (1 when
+    balanced; per matrix, averaged), the method's term (MoLA's weighted balance loss,
+    MeteoRA's weighted gate loss), and per method: X-LoRA's mean scalings per task, MeteoRA's
+    share of tokens routed first to their task's expert, SMoRA's bias range."""
+    report = jax.jit(mixture.routing)
+    runs = [jax.device_get(report(state, jnp.asarray(blocks[i : i + batch_size])))
+            for i in range(0, len(blocks), batch_size)]  # fmt: skip
+    mean = lambda key: [np.mean([r[key][m] for r in runs], axis=0)
+                        for m in range(len(runs[0][key]))]  # fmt: skip
+    loads, balance = mean("load"), mean("balance")
+    paths: list[str] = []  # the records' order: the order the routed matrices run in
+
+    def probe(state: tuple, batch: Any) -> jax.Array:
+        trainable, rest, bias = state
+        ce, records, _ = mixture.forward(mixture.eval_graph, trainable, bias, rest, batch)
+        paths.extend(r.path for r in records)
+        return ce
+
+    jax.eval_shape(probe, state, jnp.asarray(blocks[:batch_size]))
+    by_layer: dict[str, list] = {}
+    for path, load in zip(paths, loads):
+        by_layer.setdefault(path.split("/")[1], []).append(load)
+    out = {
+        "experts_per_layer": {k: int(len(v[0])) for k, v in by_layer.items()},
+        "load_shares": {k: np.round(np.mean(v, axis=0), 4).tolist() for k, v in by_layer.items()},
+        "balance": float(np.mean(balance)),
+        "balance_range": [float(np.min(balance)), float(np.max(balance))],
+        **mixture.info,
+    }
+    if "aux" in runs[0]:
+        out["aux_loss"] = float(np.mean([r["aux"] for r in runs]))
+    if "top_is_task" in runs[0]:
+        out["top_expert_is_task"] = float(np.mean(mean("top_is_task")))
+    if mixture.name == "xlora":
+        scal = np.concatenate([r["scalings"] for r in runs])
+        labels = blocks[: len(scal), -1]
+        out["scalings_by_task"] = {str(k): np.round(scal[labels == k].mean(0), 4).tolist()
+                                   for k in range(TASKS) if np.any(labels == k)}  # fmt: skip
+    if mixture.name == "smora":
+        shares = np.concatenate(loads)
+        out["load_share_range"] = [float(shares.min()), float(shares.max())]
+        bias = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state[2])])
+        out["bias_range"] = [float(bias.min()), float(bias.max())]
+    return out
+
+
 def figures(name: str, size: dict, adapters: reparam.Adapters, start: Any, val: Callable) -> dict:
     """What the run says about a :data:`SCHEDULED` method after training.
 
@@ -412,6 +644,25 @@ def summary(name: str, values: dict) -> str:
         return (f"total rank {values['rank_total_initial']} → {values['rank_total_final']} "
                 f"(target {values['rank_total_target']}), "
                 f"{values['trained_params_final']:,} values trained at the end")  # fmt: skip
+    if name in ROUTED:
+        loads = "; ".join(f"layer {k}: " + "/".join(f"{x:.2f}" for x in v)
+                          for k, v in values["load_shares"].items())  # fmt: skip
+        line = f"balance {values['balance']:.3f} (1 = balanced)"
+        if "aux_loss" in values:
+            line += f", aux term {values['aux_loss']:.4f}"
+        if name == "smora":
+            low, high = values["load_share_range"]
+            return line + f", rank load shares {low:.3f} to {high:.3f}"
+        if name == "meteora":
+            line += f", top expert = task for {values['top_expert_is_task']:.1%} of tokens"
+        if name == "xlora":
+            by_task = values["scalings_by_task"].items()
+            return (
+                line
+                + "; mean scalings by task: "
+                + "; ".join(f"{k}: " + "/".join(f"{x:.2f}" for x in v) for k, v in by_task)
+            )
+        return line + "; load shares " + loads
     return (f"rank {values['per_layer_rank']} per layer from pools of equivalent rank "
             f"{values['equivalent_rank']}; the de-sharded LoRA has "
             f"{values['lora_equivalent_params']:,} values")  # fmt: skip
@@ -427,11 +678,30 @@ def finetune(
     kjv_val: np.ndarray,
     size: dict,
     seed: int,
+    tasks: tuple | None = None,
 ) -> dict:
-    """Fine-tunes ``params`` with method ``name`` at peak rate ``lr``; returns its record."""
+    """Fine-tunes ``params`` with method ``name`` at peak rate ``lr``; returns its record.
+
+    ``tasks``: the ``(train, val)`` task ids of the domain's blocks (:func:`task_labels`), for
+    the :data:`ROUTED` methods (their batches carry them as a last column)."""
     steps, batch_size = size["steps"], size["batch_size"]
     schedule = warmup_cosine(lr, steps, steps // 10)
-    trainable, context, tx, effective, plan = setup(name, params, size, schedule, seed)
+    train_blocks, val = domain.train, domain.val[: size["eval_batches"] * batch_size]
+    kjv = kjv_val
+    mixture = None
+    if name in ROUTED:
+        if tasks is None:
+            raise ValueError(f"{name}: the routed methods need the blocks' task ids (tasks=)")
+        train_blocks = np.concatenate([domain.train, tasks[0][:, None]], axis=1)
+        val = np.concatenate([val, tasks[1][: len(val), None]], axis=1)
+        kjv = np.concatenate([kjv_val, np.zeros((len(kjv_val), 1), kjv_val.dtype)], axis=1)
+        trainable, rest, bias, mixture = routed_setup(name, graphdef, params, size, lr, seed,
+                                                      train_blocks)  # fmt: skip
+        context, tx, plan = rest, optax.adamw(schedule, weight_decay=0.0), None
+        effective = None
+        eval_step = jax.jit(mixture.eval_step)
+    else:
+        trainable, context, tx, effective, plan = setup(name, params, size, schedule, seed)
 
     def model_loss(params: Any, batch: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params)
@@ -442,6 +712,12 @@ def finetune(
         return jax.tree.map(lambda g: g * factor, grads)
 
     def step(trainable, opt_state, carry, context, batch, t) -> tuple:
+        if mixture is not None:  # carry: SMoRA's bias; the loss: cross-entropy and aux term
+            grads, (ce, aux, carry) = jax.grad(mixture.loss, has_aux=True)(
+                trainable, context, carry, batch
+            )
+            updates, opt_state = tx.update(clipped(grads), opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, carry, jnp.stack([ce, aux])
         if plan is None:
             loss_fn = lambda trainable: model_loss(effective(trainable, context), batch)
             loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -461,28 +737,31 @@ def finetune(
         adapters, state = plan.finish(t, adapters, grads, scores, state)
         return adapters.trainable, opt_state, (adapters.frozen, state), loss
 
-    val = domain.val[: size["eval_batches"] * batch_size]
-    merged = jax.jit(effective)  # one compile instead of many eager ops per evaluation
+    if mixture is None:
+        merged = jax.jit(effective)  # one compile instead of many eager ops per evaluation
+    else:
+        merged = lambda trainable, rest: (trainable, rest, bias)  # the eval_step's state
     record = {
         "lr": lr,
         "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
         "opt_state_bytes": memory.state_bytes(tx, trainable),
         "val_loss_before": evaluate(eval_step, merged(trainable, context), val, batch_size),
     }
-    start = jax.tree.map(np.array, trainable) if name in SCHEDULED else None  # copies (donated)
+    copies = name in SCHEDULED + ROUTED  # of the arrays before training (they are donated)
+    start = jax.tree.map(np.array, trainable) if copies else None
     opt_state = tx.init(trainable)
-    carry = ()
+    carry = bias if mixture is not None else ()
     if plan is not None:
         skeleton = context[-1]
         carry = (skeleton.frozen, plan.init(skeleton.replace(trainable=trainable)))
-    batch = jax.ShapeDtypeStruct(domain.train[:batch_size].shape, jnp.int32)
+    batch = jax.ShapeDtypeStruct(train_blocks[:batch_size].shape, jnp.int32)
     t = jax.ShapeDtypeStruct((), jnp.int32)
     compiled = (
         jax.jit(step, donate_argnums=(0, 1))  # not the carry: a schedule's state may alias
         .lower(trainable, opt_state, carry, context, batch, t)
         .compile()
     )
-    batches = BatchIterator(domain.train, batch_size, seed)
+    batches = BatchIterator(train_blocks, batch_size, seed)  # the same permutation for all
     losses = []
     began = time.perf_counter()
     for i in range(steps):
@@ -490,20 +769,31 @@ def finetune(
             trainable, opt_state, carry, context, next(batches), jnp.asarray(i, jnp.int32)
         )
         losses.append(loss)
-    losses = [float(x) for x in jax.block_until_ready(losses)]
+    values = np.asarray(jax.device_get(jax.block_until_ready(losses)), np.float64)
     seconds = time.perf_counter() - began
+    losses = values.reshape(steps, -1)[:, 0].tolist()  # the cross-entropy
     if plan is not None:  # the frozen arrays the schedule ended with (IncreLoRA's ranks)
         context = (context[0], context[1].replace(frozen=carry[0]))
+    if mixture is not None:
+        bias = carry  # the bias the balancing rule ended with (SMoRA)
     final = merged(trainable, context)
     tail = max(1, steps // 5)
     record.update(
         val_loss_after=evaluate(eval_step, final, val, batch_size),
-        kjv_val_loss_after=evaluate(eval_step, final, kjv_val, batch_size),
+        kjv_val_loss_after=evaluate(eval_step, final, kjv, batch_size),
         train_loss_first=float(np.mean(losses[:tail])),
         train_loss_last=float(np.mean(losses[-tail:])),
         seconds=seconds,
         losses=losses,
     )
+    if mixture is not None:
+        aux = values[:, 1].tolist()
+        record["figures"] = {
+            "aux_loss_train_last": float(np.mean(aux[-tail:])),
+            "gate_mean_abs_change": gate_change(start, trainable),
+            **routed_figures(mixture, final, val, batch_size),
+        }
+        record["aux_losses"] = aux
     if name in SCHEDULED:
         *frozen, skeleton = context
         val_at = lambda adapters: evaluate(
@@ -542,9 +832,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="llama_tiny smoke sizes")
     parser.add_argument("--pretrained", help="a training run directory to reuse or create "
                         "(default: runs/finetune/<model>-kjv-<steps>)")  # fmt: skip
-    parser.add_argument("--methods", nargs="+", choices=METHODS + FAMILY + SCHEDULED,
+    parser.add_argument("--methods", nargs="+", choices=METHODS + FAMILY + SCHEDULED + ROUTED,
                         default=list(METHODS), help="the methods to run "
-                        "(FAMILY and SCHEDULED at LoRA's rate)")  # fmt: skip
+                        "(FAMILY, SCHEDULED and ROUTED at LoRA's rate)")  # fmt: skip
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="override LEARNING_RATES, e.g. --lr full=3e-4 lora=1e-3")  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="run SWEEP_GRID for every method")
@@ -562,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     label = "tiny" if args.tiny else "default"
     size = {k: getattr(args, k) or v for k, v in SIZES[label].items()}
     rates = dict(LEARNING_RATES[label])
-    rates.update({name: rates["lora"] for name in FAMILY + SCHEDULED})
+    rates.update({name: rates["lora"] for name in FAMILY + SCHEDULED + ROUTED})
     for item in args.lr:
         name, _, value = item.partition("=")
         if name not in rates:
@@ -586,6 +876,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         val_fraction=run_cfg.val_fraction)  # fmt: skip
     kjv_val = kjv.val[: size["eval_batches"] * size["batch_size"]]
     domain_info.update(train_sequences=len(domain.train), val_sequences=len(domain.val))
+    tasks = task_labels(texts, size, val_fraction=0.05)
+    if (len(tasks[0]), len(tasks[1])) != (len(domain.train), len(domain.val)):
+        raise SystemExit("task ids do not match the packed blocks")  # the packing changed
     eval_step = make_eval_step(graphdef)
     val = domain.val[: size["eval_batches"] * size["batch_size"]]
     pretrained = {
@@ -613,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     suffix = ("_tiny" if args.tiny else "") + ("_sweep" if args.sweep else "")
     out = pathlib.Path(args.out or RESULTS / f"finetune{suffix}.json")
     run = lambda name, lr: finetune(
-        name, lr, graphdef, eval_step, params, domain, kjv_val, size, args.seed
+        name, lr, graphdef, eval_step, params, domain, kjv_val, size, args.seed, tasks
     )
 
     if args.sweep:

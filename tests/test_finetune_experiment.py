@@ -143,3 +143,77 @@ def test_finetune_experiment_runs_the_scheduled_family(tmp_path):
     assert mos["per_layer_rank"] == rank and mos["equivalent_rank"] == rank // 2
     assert rows["mos"]["trainable_params"] == (rank // 2) * layers * sum(i + o for i, o in shapes)
     assert mos["lora_equivalent_params"] == lora == 2 * rows["mos"]["trainable_params"]
+
+
+def test_finetune_experiment_runs_the_mixtures_of_lora_experts(tmp_path):
+    """The routed rows (:data:`ROUTED`) train their gates through the wrapped model: MoLA with
+    its schedule of experts per layer and its balance loss in the objective, SMoRA's bias moved
+    by the balancing rule, MeteoRA's gate loss against the blocks' task ids falling, and X-LoRA's
+    head (the only trained values) over task experts trained first."""
+    import jax
+    import numpy as np
+
+    from experiments import finetune
+    from lowrank_jax import reparam
+
+    pre = tmp_path / "pre"
+    saved = finetune.main(["--tiny", "--pretrained", str(pre), "--out",
+                           str(tmp_path / "routed.json"), "--methods",
+                           *finetune.ROUTED])  # fmt: skip
+    rows = saved["methods"]
+    assert list(rows) == list(finetune.ROUTED)
+    size = finetune.SIZES["tiny"]
+    cfg = get_config("llama_tiny")
+    rank, layers, h, m = size["rank"], cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    shapes = [(h, h)] * 4 + [(h, m)] * 2 + [(m, h)]
+    per_expert = sum(rank * (i + o) for i, o in shapes)  # one rank-r LoRA expert per matrix
+    routers = sum(i for i, _ in shapes)  # a router column per expert per matrix
+    for name, row in rows.items():
+        assert row["lr"] == finetune.LEARNING_RATES["tiny"]["lora"], name
+        assert row["val_loss_after"] < row["val_loss_before"] - 0.02, name
+        assert row["figures"]["gate_mean_abs_change"] > 0, name  # the gates were trained
+        assert len(row["aux_losses"]) == size["steps"]
+
+    # MoLA: 2, 4, 6, 8 experts from the bottom layer up, as reparam.mola schedules them, each a
+    # rank-r LoRA with a router; its balance loss (x MOLA_BALANCE, summed over the matrices) is
+    # the aux term of the objective.
+    mola = rows["mola"]["figures"]
+    want = [r.num_experts for r in reparam.mola(finetune.MOLA_EXPERTS, num_layers=layers).routings]
+    assert want == [2, 4, 6, 8][:layers]
+    assert list(mola["experts_per_layer"].values()) == want
+    assert [len(v) for v in mola["load_shares"].values()] == want
+    assert rows["mola"]["trainable_params"] == sum(want) * (per_expert + routers)
+    total = finetune.MOLA_BALANCE * mola["balance"] * layers * len(shapes)
+    assert abs(mola["aux_loss"] - total) < 1e-4 * total
+    assert min(rows["mola"]["aux_losses"]) > 0
+
+    # The objective is cross-entropy plus the aux term, and the aux term reaches the routers.
+    graphdef, params = finetune.restore_pretrained(str(pre))[1:3]
+    blocks = np.zeros((2, size["seq_len"] + 2), np.int32)
+    blocks[:, :-1] = np.arange(size["seq_len"] + 1) % 50
+    trainable, rest, bias, mixture = finetune.routed_setup("mola", graphdef, params, size, 1e-2,
+                                                           0, blocks)  # fmt: skip
+    objective, (ce, aux, _) = mixture.loss(trainable, rest, bias, blocks)
+    assert float(aux) > 0 and abs(float(objective) - float(ce) - float(aux)) < 1e-5
+    balance = lambda t: mixture.aux(
+        mixture.forward(mixture.train_graph, t, bias, rest, blocks)[1], None
+    )
+    grads = jax.grad(balance)(trainable)
+    assert float(np.abs(grads["layers"][0]["attn"]["q_proj"]["router"]).max()) > 0
+
+    # SMoRA: SMORA_RANKS * r rank-1 experts per matrix, the bias moved off zero in training.
+    smora = rows["smora"]["figures"]
+    assert set(smora["experts_per_layer"].values()) == {finetune.SMORA_RANKS * rank}
+    assert smora["bias_range"] != [0.0, 0.0]
+    assert "aux_loss" not in smora  # aux-loss-free balancing
+
+    # MeteoRA: one expert per task; its gate loss falls as the routers learn the task ids.
+    meteora = rows["meteora"]
+    assert set(meteora["figures"]["experts_per_layer"].values()) == {finetune.TASKS}
+    assert np.mean(meteora["aux_losses"][-5:]) < np.mean(meteora["aux_losses"][:5])
+
+    # X-LoRA: only the scaling head trains (hidden -> one scaling per task expert).
+    xlora = rows["xlora"]
+    assert xlora["trainable_params"] == h * finetune.TASKS + finetune.TASKS
+    assert xlora["figures"]["expert_steps"] == size["steps"] // finetune.TASKS
+    assert xlora["figures"]["expert_params"] == finetune.TASKS * layers * per_expert
