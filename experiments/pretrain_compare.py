@@ -499,6 +499,11 @@ def run_reparam(args: argparse.Namespace, argv, size: dict, seeds: int, out: pat
     }
     result["table"] = table(rows)
     result["commands"] = [*result.get("commands", [result["command"]]), command(argv)]
+    return write_result(result, rows, out, log)
+
+
+def write_result(result: dict, rows: dict, out: pathlib.Path, log=print) -> dict:
+    """Logs ``result``'s table and writes the JSON and the figure next to it."""
     log(result["table"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -623,12 +628,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "table": table(rows),
         "methods": rows,
     }
-    print(result["table"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    save_figure(rows, out.with_suffix(".png"), figure_title(result))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    return result
+    return write_result(result, rows, out)
 
 
 if __name__ == "__main__":
