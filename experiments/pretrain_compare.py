@@ -109,6 +109,7 @@ GAPS = (10, 25, 50, 100, 200)
 REPARAM_METHODS = {"lora": "lora", "relora": "relora", "low-rank (W = BA)": "lowrank"}
 REPARAM_LRS = (1e-3, 3e-3, 1e-2)  # the seed-0 grid of each; the other seeds at its best
 REPARAM_EXTEND = 2  # at most this many half-decade steps past a grid edge that wins
+TUNE_EXTEND = 1  # --tune: at most this many half-decade steps past a grid edge that wins
 RELORA_EVERY = 50  # steps between ReLoRA's merge-and-restarts
 RELORA_WARMUP = 5  # steps of ReLoRA's re-warmup after each restart
 SMOOTH = 10  # steps of the training-loss moving average in the figure
@@ -125,6 +126,7 @@ class Variant:
     lr_multiplier: float = 1.0
     rank: int | None = None  # None: the trainer's hidden_size // 4
     update_proj_gap: int | None = None  # None: the trainer's default
+    lr: float | None = None  # an absolute peak lr (--tune); None: default x lr_multiplier
 
 
 def variants(
@@ -160,7 +162,9 @@ def run_config(variant: Variant, size: dict, seed: int, out: str) -> RunConfig:
     """The trainer's settings for one run of ``variant``."""
     entry = get_optimizer(variant.optimizer)
     overrides = {}
-    if variant.lr_multiplier != 1:
+    if variant.lr is not None:
+        overrides["lr"] = variant.lr
+    elif variant.lr_multiplier != 1:
         overrides["lr"] = entry.default_lr * variant.lr_multiplier
     if variant.rank is not None:
         overrides["rank"] = variant.rank
@@ -288,8 +292,9 @@ def table(rows: dict) -> str:
             loss += f" ({len(r['seeds']) - r['finished']} of {len(r['seeds'])} seeds stopped)"
         state = "–" if r["opt_state_bytes"] is None else memory.human(r["opt_state_bytes"])
         peak = "–" if "step_memory" not in r else memory.human(r["step_memory"]["peak_bytes"])
+        edge = " (grid edge)" if r.get("lr_at_grid_edge") else ""
         lines.append(
-            f"| {name} | {r['lr']:g} | {loss} | {fmt(r['val_ppl'], '.2f')} | {state} "
+            f"| {name} | {r['lr']:g}{edge} | {loss} | {fmt(r['val_ppl'], '.2f')} | {state} "
             f"| {fmt(r['state_ratio'], '.2f', '×')} | {peak} "
             f"| {fmt(r.get('step_peak_ratio'), '.2f', '×')} | {fmt(r['tokens_per_s'], ',.0f')} "
             f"| {fmt(r['throughput_ratio'], '.2f', '×')} |"
@@ -357,12 +362,101 @@ def step_memory_info() -> dict:
     }
 
 
+def run_fixed(todo: Sequence[Variant], size: dict, seeds: int, root: str, log=print) -> dict:
+    """Every variant on every seed (seeds the outer loop, every other one in reverse order, so
+    no method always runs first); the rows, AdamW's (the reference of the ratios) first."""
+    runs: dict[str, list[dict]] = {v.name: [] for v in todo}
+    for seed in range(seeds):
+        for v in todo if seed % 2 == 0 else todo[::-1]:
+            run_dir = str(pathlib.Path(root) / f"{v.name.replace(' ', '_')}-seed{seed}")
+            record = run_one(v, size, seed, run_dir)
+            runs[v.name].append(record)
+            status = record["error"] or f"val loss {record['val_loss']:.4f}"
+            log(f"seed {seed} {v.name:24} {status} ({record['seconds']:.0f} s)", flush=True)
+    reference = aggregate(todo[0], runs[REFERENCE], None)
+    return {
+        v.name: reference if v.name == REFERENCE else aggregate(v, runs[v.name], reference)
+        for v in todo
+    }
+
+
+def run_tuned(methods: Sequence[str], size: dict, seeds: int, extend: int, root: str,
+              log=print) -> dict:  # fmt: skip
+    """``--tune``: each method's peak lr searched on seed 0, then its other seeds at the best.
+
+    The seed-0 grid is the registered default and its two half-decade neighbours on the 1, 3,
+    10 ladder (1e-3: 3e-4, 1e-3, 3e-3), extended half a decade past an edge that wins, at most
+    ``extend`` times (:func:`next_lr`); the lowest final validation loss wins (a run that
+    diverged or stopped loses). Seeds ``1 .. seeds-1`` then run at the winner, every other
+    seed in reverse method order. Returns the rows (AdamW's, at its own best, first: the
+    reference of the ratios), each with its ``lr_grid_seed0`` and ``lr_at_grid_edge``.
+    """
+    methods = [REFERENCE, *[m for m in methods if m != REFERENCE]]
+    grids: dict[str, dict[float, dict]] = {}
+    for method in methods:
+        default = get_optimizer(method).default_lr
+        grid: dict[float, dict] = {}
+        todo = [half_decade(default, -1), default, half_decade(default, 1)]
+        for extra in range(extend + 1):
+            for lr in todo:
+                run_dir = f"{root}/{method}-lr{lr:g}-seed0"
+                grid[lr] = run_one(Variant(method, method, lr=lr), size, 0, run_dir)
+                status = grid[lr]["error"] or f"val loss {grid[lr]['val_loss']:.4f}"
+                log(f"seed 0 {method:20} lr {lr:<8g} {status} ({grid[lr]['seconds']:.0f} s)",
+                    flush=True)  # fmt: skip
+            lr = next_lr(losses(grid))
+            if lr is None or extra == extend:
+                break
+            log(f"{method}: the best lr is at the grid's edge; adding {lr:g}", flush=True)
+            todo = [lr]
+        grids[method] = dict(sorted(grid.items()))
+    finite = lambda g: {lr: math.inf if v is None else v for lr, v in losses(g).items()}
+    best = {m: min(g, key=finite(g).get) for m, g in grids.items()}
+    runs = {m: [grids[m][best[m]]] for m in methods}
+    for seed in range(1, seeds):
+        for method in methods if seed % 2 == 0 else methods[::-1]:
+            run_dir = f"{root}/{method}-lr{best[method]:g}-seed{seed}"
+            record = run_one(Variant(method, method, lr=best[method]), size, seed, run_dir)
+            runs[method].append(record)
+            status = record["error"] or f"val loss {record['val_loss']:.4f}"
+            log(f"seed {seed} {method:20} lr {best[method]:<8g} {status} "
+                f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+    rows: dict[str, dict] = {}
+    for method in methods:
+        variant = Variant(method, method, lr=best[method])
+        row = aggregate(variant, runs[method], rows.get(REFERENCE))
+        row["lr_grid_seed0"] = [{"lr": lr, "val_loss": r["val_loss"], "error": r["error"]}
+                                for lr, r in grids[method].items()]  # fmt: skip
+        row["lr_at_grid_edge"] = next_lr(losses(grids[method])) is not None
+        rows[method] = row
+    return rows
+
+
+def losses(grid: dict[float, dict]) -> dict[float, float | None]:
+    """``{lr: final val loss}`` of a grid of run records (``None``: stopped or diverged)."""
+    return {lr: None if r["error"] else r["val_loss"] for lr, r in grid.items()}
+
+
 def reparam_spec(kind: str, args: argparse.Namespace, hidden: int) -> pretrain_reparam.ReparamSpec:
     """The spec of a ``--reparam`` method: the trainer's rank (``hidden / 4``), alpha 32."""
     return pretrain_reparam.ReparamSpec(
         kind, rank=max(1, hidden // 4), alpha=32.0, relora_every=args.relora_every,
         relora_warmup=args.relora_warmup, relora_prune=args.relora_prune,
     )  # fmt: skip
+
+
+def half_decade(lr: float, steps: int) -> float:
+    """``lr`` moved ``steps`` half decades on the 1, 3, 10 ladder.
+
+    Example:
+      >>> half_decade(1e-3, 1), half_decade(1e-2, -1), half_decade(3e-3, -2)
+      (0.003, 0.003, 0.0003)
+    """
+    value = lr * math.sqrt(10) ** steps
+    exponent = math.floor(math.log10(value))
+    mantissa = value / 10**exponent  # to the ladder: 3.16e-4 -> 3e-4, 9.5e-5 -> 1e-4
+    mantissa = 1 if mantissa < 1.7 else 3 if mantissa < 5.5 else 10
+    return float(f"{mantissa * 10**exponent:.0e}")
 
 
 def next_lr(grid: dict[float, float | None]) -> float | None:
@@ -378,11 +472,7 @@ def next_lr(grid: dict[float, float | None]) -> float | None:
     best = min(losses, key=losses.get)
     if best not in (min(losses), max(losses)):
         return None
-    value = best / math.sqrt(10) if best == min(losses) else best * math.sqrt(10)
-    exponent = math.floor(math.log10(value))
-    mantissa = value / 10**exponent  # to the 1, 3, 10 ladder: 3.16e-4 -> 3e-4, 9.5e-5 -> 1e-4
-    mantissa = 1 if mantissa < 1.7 else 3 if mantissa < 5.5 else 10
-    return float(f"{mantissa * 10**exponent:.0e}")
+    return half_decade(best, -1 if best == min(losses) else 1)
 
 
 def reparam_row(name: str, spec, runs: list[dict], grid: list[dict], reference: dict,
@@ -441,10 +531,17 @@ def run_reparam(args: argparse.Namespace, argv, size: dict, seeds: int, out: pat
     reference = rows[REFERENCE]
     adamw_rate = float(np.mean([r["tokens_per_s"] for r in adamw_runs]))
     cfg = lambda seed: run_config(Variant(REFERENCE, REFERENCE), size, seed, tempfile.gettempdir())
+    searched = {}  # --reparam-grid-from: the rows whose seed-0 search is reused
+    if args.reparam_grid_from:
+        searched = json.loads(pathlib.Path(args.reparam_grid_from).read_text())["methods"]
+        missing = [n for n in names if "lr_grid_seed0" not in searched.get(n, {})]
+        if missing:
+            raise SystemExit(f"--reparam-grid-from {args.reparam_grid_from} has no lr search "
+                             f"of {', '.join(missing)}: run --reparam without it")  # fmt: skip
     for name in names:
         spec = reparam_spec(REPARAM_METHODS[name], args, hidden)
-        grid, todo = [], sorted(lrs)
-        for extra in range(args.reparam_extend + 1):
+        grid, todo = [], [searched[name]["lr"]] if searched else sorted(lrs)
+        for extra in range(0 if searched else args.reparam_extend + 1):
             for lr in todo:
                 record = pretrain_reparam.train_reparam(spec, cfg(0), lr)
                 grid.append(record)
@@ -467,8 +564,12 @@ def run_reparam(args: argparse.Namespace, argv, size: dict, seeds: int, out: pat
         stats = pretrain_reparam.step_peak(best["_setup"])
         runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
         grid = [{k: v for k, v in r.items() if not k.startswith("_")} for r in grid]
+        if searched:  # the earlier search's grid, and where it came from
+            grid = searched[name]["lr_grid_seed0"]
         row = reparam_row(name, spec, runs, grid, reference, adamw_rate)
         row["lr_at_grid_edge"] = next_lr({r["lr"]: r["val_loss"] for r in grid}) is not None
+        if searched:
+            row["lr_grid_from"] = searched[name].get("command", args.reparam_grid_from)
         row["step_memory"] = {**stats._asdict(), "peak_bytes": stats.peak_bytes}
         if "step_memory" in reference:
             row["step_peak_ratio"] = stats.peak_bytes / reference["step_memory"]["peak_bytes"]
@@ -521,6 +622,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1 (default 2; --quick 1)")
     parser.add_argument("--lr-grid", default="1", metavar="M,M,...",
                         help="multipliers of each method's default lr: 0.5,1,2 [1]")  # fmt: skip
+    parser.add_argument("--tune", action="store_true",
+                        help="search each method's lr on seed 0 (its default and the half "
+                        "decades around it), then run the other seeds at the best")  # fmt: skip
+    parser.add_argument("--tune-extend", type=int, default=TUNE_EXTEND,
+                        help="with --tune: lrs added past a winning grid edge, half a decade "
+                        f"each [{TUNE_EXTEND}]")  # fmt: skip
     parser.add_argument("--ablate", choices=("rank", "gap"),
                         help="GaLore's rank or refresh gap instead of the comparison")  # fmt: skip
     parser.add_argument("--runs", help="keep the run directories here (lowrank-jax plot reads "
@@ -543,6 +650,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reparam-extend", type=int, default=REPARAM_EXTEND,
                         help="with --reparam: lrs added past a winning grid edge, half a decade "
                         f"each [{REPARAM_EXTEND}]")  # fmt: skip
+    parser.add_argument("--reparam-grid-from", metavar="JSON",
+                        help="with --reparam: no lr search; each method runs every seed at "
+                        "the best lr of its row in this earlier JSON (its grid kept)")  # fmt: skip
     parser.add_argument("--relora-every", type=int, default=RELORA_EVERY,
                         help=f"with --reparam: ReLoRA's restart period [{RELORA_EVERY}]")
     parser.add_argument("--relora-warmup", type=int, default=RELORA_WARMUP,
@@ -573,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         get_optimizer(name)  # an unknown name fails before anything runs
     hidden = get_config(size["model"]).hidden_size
     todo = variants(methods, lr_grid, args.ablate, hidden)
+    if args.tune and (args.ablate or lr_grid != [1.0]):
+        raise SystemExit("--tune searches each method's lr itself: no --lr-grid or --ablate")
     stem = "pretrain_compare" + "_quick" * args.quick + "_lr_grid" * (lr_grid != [1.0])
     stem += f"_{args.ablate}" if args.ablate else ""
     out = pathlib.Path(args.out or RESULTS / f"{stem}.json")
@@ -593,23 +705,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.reparam:
         out = pathlib.Path(args.out or RESULTS / f"{stem.replace('_lr_grid', '')}.json")
         return run_reparam(args, argv, size, seeds, out)
-    print(f"{len(todo)} variants x {seeds} seeds on {size['model']}, {size['steps']} steps")
-
-    runs: dict[str, list[dict]] = {v.name: [] for v in todo}
     with contextlib.ExitStack() as stack:
         root = args.runs or stack.enter_context(tempfile.TemporaryDirectory())
-        for seed in range(seeds):  # every other seed backwards: no method always runs first
-            for v in todo if seed % 2 == 0 else todo[::-1]:
-                run_dir = str(pathlib.Path(root) / f"{v.name.replace(' ', '_')}-seed{seed}")
-                record = run_one(v, size, seed, run_dir)
-                runs[v.name].append(record)
-                status = record["error"] or f"val loss {record['val_loss']:.4f}"
-                print(f"seed {seed} {v.name:24} {status} ({record['seconds']:.0f} s)", flush=True)
-    reference = aggregate(todo[0], runs[REFERENCE], None)
-    rows = {
-        v.name: reference if v.name == REFERENCE else aggregate(v, runs[v.name], reference)
-        for v in todo
-    }
+        if args.tune:
+            print(f"{len(methods)} methods: seed-0 lr search, then {seeds - 1} more seeds at "
+                  f"the best, on {size['model']}, {size['steps']} steps")  # fmt: skip
+            rows = run_tuned(methods, size, seeds, args.tune_extend, root)
+        else:
+            print(f"{len(todo)} variants x {seeds} seeds on {size['model']}, "
+                  f"{size['steps']} steps")  # fmt: skip
+            rows = run_fixed(todo, size, seeds, root)
     add_step_peaks(rows, size)
     result = {
         "command": command(argv),
@@ -618,7 +723,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "backend": jax.default_backend(),
         "size": size,
         "seeds": list(range(seeds)),
-        "lr_grid": lr_grid,
+        "lr_grid": "tuned" if args.tune else lr_grid,
+        **({"tune": {"grid": "the registered default lr and its half-decade neighbours on the "
+                     "1, 3, 10 ladder, seed 0; extended past a winning edge",
+                     "extend": args.tune_extend}} if args.tune else {}),
         "ablate": args.ablate,
         "trainer_defaults": {"rank": max(1, hidden // 4), **{k: getattr(RunConfig(), k) for k in
                              TRAINER_DEFAULTS}},  # fmt: skip

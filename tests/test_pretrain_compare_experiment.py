@@ -5,6 +5,8 @@ and that every method's loss goes down."""
 import json
 import math
 
+import pytest
+
 
 def test_pretrain_compare_quick(tmp_path):
     from experiments import pretrain_compare
@@ -255,3 +257,36 @@ def test_pretrain_compare_reparam_rows(tmp_path):
     again = pc.main(["--peaks-only", "--out", str(out)])["methods"]
     for name, row in rows.items():
         assert again[name]["step_memory"] == row["step_memory"], name
+
+
+def test_pretrain_compare_tune_searches_each_lr_on_seed_0_then_runs_the_best(tmp_path):
+    from experiments import pretrain_compare as pc
+    from lowrank_jax.train import get_optimizer
+
+    out = tmp_path / "tuned.json"
+    result = pc.main(["--quick", "--tune", "--tune-extend", "0", "--seeds", "2", "--out",
+                      str(out)])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["lr_grid"] == "tuned" and saved["tune"]["extend"] == 0
+    rows = result["methods"]
+    assert list(rows) == list(pc.QUICK_METHODS)
+    for name, row in rows.items():
+        default = get_optimizer(name).default_lr
+        grid = {g["lr"]: g["val_loss"] for g in row["lr_grid_seed0"]}
+        assert sorted(grid) == [pc.half_decade(default, -1), default, pc.half_decade(default, 1)]
+        finite = {lr: v for lr, v in grid.items() if v is not None}
+        assert row["lr"] == min(finite, key=finite.get)  # the winner runs every seed
+        assert [r["lr"] for r in row["runs"]] == [row["lr"]] * 2 and row["seeds"] == [0, 1]
+        assert row["runs"][0]["val_loss"] == grid[row["lr"]]  # seed 0 is the grid's run
+        assert row["lr_at_grid_edge"] == (pc.next_lr(grid) is not None)
+    assert rows["adamw"]["throughput_ratio"] == 1.0
+    assert f"| galore | {rows['galore']['lr']:g}" in saved["table"]
+    with pytest.raises(SystemExit, match="--tune searches"):
+        pc.main(["--quick", "--tune", "--lr-grid", "0.5,1", "--out", str(out)])
+
+
+def test_half_decade_walks_the_1_3_10_ladder():
+    from experiments.pretrain_compare import half_decade
+
+    assert [half_decade(1e-3, k) for k in (-2, -1, 0, 1, 2)] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert half_decade(3e-3, 1) == 1e-2 and half_decade(3e-3, -1) == 1e-3
