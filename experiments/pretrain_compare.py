@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import pathlib
@@ -211,13 +210,12 @@ def run_one(variant: Variant, size: dict, seed: int, out: str) -> dict:
     warnings: list[str] = []
     began = time.perf_counter()
     summary, error = {}, None
-    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's per-evaluation lines
-        try:
-            summary = train(cfg, log=lambda line: None, warn=warnings.append)
-        except TrainError as err:  # stopped mid-run; one that never started is not caught
-            if not (pathlib.Path(out) / "metrics.jsonl").is_file():
-                raise
-            error = str(err)
+    try:
+        summary = train(cfg, log=None, warn=warnings.append)
+    except TrainError as err:  # stopped mid-run; one that never started is not caught
+        if not (pathlib.Path(out) / "metrics.jsonl").is_file():
+            raise
+        error = str(err)
     curves = read_run(out)
     return {
         "seed": seed,

@@ -56,14 +56,15 @@ __all__ = ["TrainError", "step_memory", "train"]
 def train(
     cfg: RunConfig,
     *,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = print,
     warn: Callable[[str], None] = warn_line,
 ) -> dict:
     """Runs ``cfg``; returns the summary (also the last line of ``metrics.jsonl``).
 
     Args:
       cfg: the run configuration.
-      log: where the human-readable lines go (the final report).
+      log: where the human-readable lines go: each evaluation's line, resuming, the final
+        report (``None``: nowhere; the metrics file has them all).
       warn: where warnings go (a checkpoint fallen back from, a skipped step); stderr.
 
     Returns:
@@ -79,6 +80,8 @@ def train(
     check_out(cfg.out)
     init_distributed(cfg)
     primary = jax.process_index() == 0
+    if log is None:
+        log = lambda line: None  # noqa: E731
     if not primary:
         log = warn = lambda line: None  # noqa: E731 -- process 0 reports
     entry = get_optimizer(cfg.optimizer)
@@ -182,6 +185,7 @@ def _train(
             ),
             saved=resumed,
             primary=primary,
+            log=log,
             warn=warn,
         )
     finally:

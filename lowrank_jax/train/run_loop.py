@@ -77,8 +77,10 @@ def run_steps(
     saved: str | None,
     primary: bool,
     warn: Callable[[str], None],
+    log: Callable[[str], None] = print,
 ) -> dict:
-    """Runs the steps from ``state.step`` to ``--stop-at`` or ``--steps``.
+    """Runs the steps from ``state.step`` to ``--stop-at`` or ``--steps``; each evaluation's
+    line goes to ``log`` (around the progress bar, which it leaves intact).
 
     Returns:
       ``state``, ``end`` (the last step), ``loss``, ``val_loss``, ``timed_steps`` and
@@ -151,7 +153,8 @@ def run_steps(
                 ppl = math.exp(min(val_loss, 700))
                 metrics.write({"step": step, "val_loss": val_loss, "val_ppl": ppl})
                 if primary:
-                    bar.write(f"step {step}: val_loss {val_loss:.4f}, val_ppl {ppl:.2f}")
+                    with bar.external_write_mode():
+                        log(f"step {step}: val_loss {val_loss:.4f}, val_ppl {ppl:.2f}")
             if step % cfg.checkpoint_every == 0 or step == end:
                 saved = save(step, state, batches.state)
     except BaseException:

@@ -32,6 +32,17 @@ def test_metrics_file_and_report(full_run):
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["3", "6"]
     report = "\n".join(lines)
     assert "perplexity" in report and "AdamW" in report and summary["checkpoint"] in report
+    # each evaluation's line goes to ``log`` too (before the report), not straight to stdout
+    assert [line for line in lines if line.startswith("step ")] == [
+        f"step {r['step']}: val_loss {r['val_loss']:.4f}, val_ppl {r['val_ppl']:.2f}" for r in evals
+    ]
+
+
+def test_train_without_a_log_prints_nothing(tmp_path, capfd):
+    train(RunConfig(out=str(tmp_path / "run"), **{**TINY, "steps": 2, "eval_every": 1}),
+          log=None)  # fmt: skip
+    out, err = capfd.readouterr()
+    assert "val_loss" not in out and "val_loss" not in err and "perplexity" not in out
 
 
 def test_resume_is_bitwise_exact(full_run, tmp_path):
