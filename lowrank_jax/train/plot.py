@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -203,7 +204,8 @@ def draw_figure(data: dict[str, dict[str, Any]]) -> Any:
       data: the output of :func:`figure_data`.
 
     Returns:
-      The ``matplotlib.figure.Figure``.
+      The ``matplotlib.figure.Figure``; as a notebook cell's last expression it shows inline
+      (as a PNG, whichever matplotlib backend the kernel has, pyplot imported or not).
 
     Raises:
       PlotError: matplotlib is not installed.
@@ -233,7 +235,14 @@ def draw_figure(data: dict[str, dict[str, Any]]) -> Any:
         if len(bars) == 1:
             axes[1][1].set_visible(False)
     figure.tight_layout()
+    figure._repr_png_ = lambda: _png(figure)  # IPython's display: no pyplot needed
     return figure
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=figure.dpi)
+    return buffer.getvalue()
 
 
 def _bar_panel(ax: Any, panel: str, data: dict[str, dict[str, Any]]) -> None:

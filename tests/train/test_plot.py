@@ -1,5 +1,6 @@
 """``lowrank-jax plot``: curves and bars read from runs' metrics.jsonl, a PNG, clear errors."""
 
+import base64
 import json
 import subprocess
 import sys
@@ -72,6 +73,18 @@ def test_the_figure_draws_that_data(two_runs):
     assert [bar.get_height() for bar in memory_ax.patches] == pytest.approx([2.5, 7.0])
     assert [bar.get_height() for bar in speed_ax.patches] == [900.0, 1200.0]
     assert [t.get_text() for t in speed_ax.get_xticklabels()] == ["galore", "adamw"]
+
+
+def test_the_figure_shows_inline_in_a_notebook(two_runs):
+    """As a notebook cell's last expression: IPython's display gives a PNG of the figure (the
+    pretrain_compare notebook relies on it), without pyplot."""
+    from IPython.core.formatters import DisplayFormatter
+
+    figure = draw_figure(figure_data([read_run(run) for run in two_runs]))
+    data, _ = DisplayFormatter().format(figure)
+    png = data["image/png"]
+    png = png if isinstance(png, bytes) else base64.b64decode(png)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
 def test_cli_writes_a_png(two_runs, tmp_path, capsys):
