@@ -7,7 +7,7 @@ product ``W = s·A B`` with no base at all (Low-Rank). This module runs them on 
 public pieces, with the trainer's own data, batches, model init, schedule and evaluation, so
 their validation loss compares with the trainer's rows of ``pretrain_compare.py``:
 
-- data: the trainer's dataset (``lowrank_jax.train.loop._load_data``: byte tokenizer, packed
+- data: the trainer's dataset (``lowrank_jax.train.run_dataset``: byte tokenizer, packed
   blocks, the same held-out split) and :class:`~lowrank_jax.data.BatchIterator` with the run's
   seed (the same batches in the same order);
 - model: ``Llama(model_config, rngs=nnx.Rngs(seed))`` as the trainer initialises it;
@@ -21,7 +21,7 @@ their validation loss compares with the trainer's rows of ``pretrain_compare.py`
 - schedule: the trainer's warmup + cosine (``fresh_plan``), ReLoRA's jagged cosine
   (:func:`lowrank_jax.reparam.jagged_cosine_schedule`) for ReLoRA;
 - evaluation: the trainer's eval step (:func:`~lowrank_jax.train.step.make_eval_step`) on the
-  effective weights, over the same validation blocks (``run_loop._evaluate``).
+  effective weights, over the same validation blocks (``lowrank_jax.train.evaluate``).
 
 Methods (:data:`KINDS`):
 
@@ -56,11 +56,15 @@ from lowrank_jax import memory, reparam
 from lowrank_jax.data import BatchIterator, IteratorState
 from lowrank_jax.models import Llama
 from lowrank_jax.targets import path_str
-from lowrank_jax.train import RunConfig, get_optimizer
-from lowrank_jax.train.loop import _load_data, _model_config
-from lowrank_jax.train.registry import OptimizerArgs
+from lowrank_jax.train import (
+    RunConfig,
+    evaluate,
+    get_optimizer,
+    run_dataset,
+    run_model_config,
+    run_optimizer_args,
+)
 from lowrank_jax.train.resume import fresh_plan
-from lowrank_jax.train.run_loop import _evaluate
 from lowrank_jax.train.step import TrainState, cross_entropy, make_eval_step, make_train_step
 
 __all__ = ["KINDS", "ReparamSpec", "Setup", "build", "train_reparam"]
@@ -154,8 +158,8 @@ class Setup:
 
 def build(spec: ReparamSpec, cfg: RunConfig, lr: float) -> Setup:
     """Everything a run of ``spec`` needs, for the trainer settings ``cfg`` at peak rate ``lr``."""
-    dataset = _load_data(cfg)
-    model_config = _model_config(cfg, dataset.tokenizer.vocab_size)
+    dataset = run_dataset(cfg)
+    model_config = run_model_config(cfg, dataset.tokenizer.vocab_size)
     model = Llama(model_config, rngs=nnx.Rngs(cfg.seed))
     graphdef = nnx.graphdef(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -169,16 +173,7 @@ def build(spec: ReparamSpec, cfg: RunConfig, lr: float) -> Setup:
     else:
         schedule = plan.schedule()
     adamw = lambda: get_optimizer("adamw").factory(  # noqa: E731 -- the trainer's AdamW
-        OptimizerArgs(
-            learning_rate=schedule,
-            rank=spec.rank,
-            update_proj_gap=cfg.update_proj_gap,
-            scale=cfg.galore_scale,
-            weight_decay=cfg.weight_decay,
-            seed=cfg.seed,
-            total_steps=cfg.steps,
-            extra={},
-        )  # fmt: skip
+        run_optimizer_args(cfg, schedule, spec.rank)
     )
 
     if spec.kind == "full":
@@ -300,7 +295,7 @@ def train_reparam(
         train_steps.append(step)
         train_loss.append(loss)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            value = _evaluate(eval_step, effective(state.params, frozen), setup.dataset.val,
+            value = evaluate(eval_step, effective(state.params, frozen), setup.dataset.val,
                               cfg, jnp.asarray)  # fmt: skip
             val_steps.append(step)
             val_loss.append(value)

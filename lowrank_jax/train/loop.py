@@ -50,7 +50,14 @@ from lowrank_jax.train.resume import SchedulePlan, fingerprint, fresh_plan, resu
 from lowrank_jax.train.run_loop import TrainError, report, run_steps, summarize
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
-__all__ = ["TrainError", "step_memory", "train"]
+__all__ = [
+    "TrainError",
+    "run_dataset",
+    "run_model_config",
+    "run_optimizer_args",
+    "step_memory",
+    "train",
+]
 
 
 def train(
@@ -120,7 +127,7 @@ def step_memory(cfg: RunConfig, vocab_size: int | None = None) -> memory.Compile
         vocab_size = tokenizer.vocab_size
     mesh = make_run_mesh(cfg)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        model_config = _model_config(cfg, vocab_size)
+        model_config = run_model_config(cfg, vocab_size)
         plan = fresh_plan(cfg, entry.default_lr)
         tx = _optimizer(cfg, entry, model_config, plan)
         setup = _Setup.create(cfg, tx, model_config, mesh)
@@ -157,8 +164,8 @@ def _train(
     """:func:`train` after the checks, inside the run's mesh (if any)."""
     checkpointer = _open_checkpoints(cfg)
     try:
-        dataset = _load_data(cfg)
-        model_config = _model_config(cfg, dataset.tokenizer.vocab_size)
+        dataset = run_dataset(cfg)
+        model_config = run_model_config(cfg, dataset.tokenizer.vocab_size)
         plan = _expected_plan(cfg, entry, checkpointer, model_config.vocab_size)
         tx = _optimizer(cfg, entry, model_config, plan)
         setup = _Setup.create(cfg, tx, model_config, mesh)
@@ -215,8 +222,11 @@ def _open_checkpoints(cfg: RunConfig) -> Checkpointer:
     return checkpointer
 
 
-def _load_data(cfg: RunConfig) -> Dataset:
-    """The documents, the tokenizer (a BPE is trained once and kept in ``--out``), packed."""
+def run_dataset(cfg: RunConfig) -> Dataset:
+    """The run's data as :func:`train` reads it: ``--data``'s documents, the tokenizer (a BPE
+    is trained once and kept in ``--out``), packed into ``seq_len + 1`` blocks, split into
+    training and held-out blocks. For code that trains something else on the trainer's data
+    (``experiments/pretrain_reparam.py``)."""
     name, documents = resolve_source(cfg.data)
     tokenizer = make_tokenizer(
         cfg.tokenizer,
@@ -234,7 +244,9 @@ def _load_data(cfg: RunConfig) -> Dataset:
     )
 
 
-def _model_config(cfg: RunConfig, vocab_size: int) -> Any:
+def run_model_config(cfg: RunConfig, vocab_size: int) -> Any:
+    """The :class:`~lowrank_jax.models.LlamaConfig` :func:`train` builds for ``cfg`` and a
+    tokenizer of ``vocab_size`` ids (positions at least ``seq_len``)."""
     model_config = get_config(
         cfg.model,
         vocab_size=vocab_size,
@@ -289,21 +301,28 @@ def _check_not_finished(cfg: RunConfig, step: int) -> None:
         )
 
 
+def run_optimizer_args(cfg: RunConfig, learning_rate: Any, rank: int) -> OptimizerArgs:
+    """The :class:`~lowrank_jax.train.OptimizerArgs` :func:`train` gives the registered
+    optimizer's factory: ``learning_rate`` (a schedule or a number), ``rank``, and the run's
+    refresh gap, scale, weight decay, seed, step count and ``--opt`` options."""
+    return OptimizerArgs(
+        learning_rate=learning_rate,
+        rank=rank,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.galore_scale,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        total_steps=cfg.steps,
+        extra=dict(cfg.optimizer_options),
+    )
+
+
 def _optimizer(
     cfg: RunConfig, entry: OptimizerEntry, model_config: Any, plan: SchedulePlan
 ) -> Any:
     try:
         return entry.factory(
-            OptimizerArgs(
-                learning_rate=plan.schedule(),
-                rank=_rank(cfg, model_config),
-                update_proj_gap=cfg.update_proj_gap,
-                scale=cfg.galore_scale,
-                weight_decay=cfg.weight_decay,
-                seed=cfg.seed,
-                total_steps=cfg.steps,
-                extra=dict(cfg.optimizer_options),
-            )
+            run_optimizer_args(cfg, plan.schedule(), _rank(cfg, model_config))
         )
     except TypeError as err:  # an option the optimizer does not take
         raise TrainError(f"optimizer {cfg.optimizer!r}: {err} (check --opt)") from err

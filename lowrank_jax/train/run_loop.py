@@ -27,7 +27,7 @@ from lowrank_jax.train.config import RunConfig
 from lowrank_jax.train.metrics import MetricsWriter, peak_memory, progress_bar
 from lowrank_jax.train.step import TrainState
 
-__all__ = ["TrainError", "report", "run_steps", "summarize"]
+__all__ = ["TrainError", "evaluate", "report", "run_steps", "summarize"]
 
 
 class TrainError(RuntimeError):
@@ -51,10 +51,12 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _evaluate(
+def evaluate(
     eval_step: Callable, params: Any, val: np.ndarray, cfg: RunConfig, place: Callable
 ) -> float:
-    """Mean validation loss over the first ``eval_batches * batch_size`` held-out sequences."""
+    """The trainer's validation loss: the mean of ``eval_step(params, batch)`` over the first
+    ``eval_batches * batch_size`` held-out blocks ``val``, in batches of ``batch_size`` placed
+    by ``place`` (each batch weighted by its rows)."""
     blocks = val[: cfg.eval_batches * cfg.batch_size]
     total, count = 0.0, 0
     for start in range(0, len(blocks), cfg.batch_size):
@@ -149,7 +151,7 @@ def run_steps(
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = _evaluate(eval_step, state.params, dataset.val, cfg, place)
+                val_loss = evaluate(eval_step, state.params, dataset.val, cfg, place)
                 ppl = math.exp(min(val_loss, 700))
                 metrics.write({"step": step, "val_loss": val_loss, "val_ppl": ppl})
                 if primary:
