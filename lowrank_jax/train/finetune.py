@@ -99,7 +99,7 @@ DYLORA_RANK_STREAM = 2**31 - 1
 RUN_SHAPING = (
     "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
     "batch_size", "accum_steps", "layerwise", "max_seq_len", "seed", "quantize_base",
-    "val_fraction", "tokenizer", "adapter_optimizer",
+    "loftq_iters", "val_fraction", "tokenizer", "adapter_optimizer",
 )  # fmt: skip
 # The optimizers of the adapter methods (--adapter-optimizer): AdamW, or a LoRA-side rule on
 # the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA; LoRA-GGPO).
@@ -134,6 +134,12 @@ class FinetuneConfig:
         gradient exists (``make_train_step(layerwise=True)``; at most one layer's gradient is
         alive); the gradients are then clipped per layer (to norm 1) rather than globally.
       quantize_base: ``"nf4"`` or ``"int8"``: QLoRA (adapter methods only).
+      loftq_iters: with ``quantize_base`` and ``method`` lora or dora: ``T > 0`` LoftQ
+        alternations initialise the adapters from the quantization error, so that base plus
+        adapter starts near the float weights (``QuantConfig(loftq_iters=T)``; ``1`` is
+        ZeroQuant-V2's low-rank compensation); ``0``: the method's own init (B = 0). Such an
+        adapter belongs to the quantized base: the merged export (``--merge``, into the
+        dequantized base) is the faithful one.
       adapter_optimizer: what trains the adapters (:data:`ADAPTER_OPTIMIZERS`): ``adamw``;
         ``loraplus`` (``B`` at 16x the rate, :func:`~lowrank_jax.optimizers.loraplus_adamw`);
         ``lorafa`` (``A`` frozen, ``B``'s gradient projected; ``method="lora"`` only,
@@ -175,6 +181,7 @@ class FinetuneConfig:
     max_seq_len: int = 512
     seed: int = 0
     quantize_base: str | None = None
+    loftq_iters: int = 0
     adapter_optimizer: str = "adamw"
     eval_every: int = 0
     eval_generate: int = 0
@@ -235,6 +242,20 @@ class FinetuneConfig:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.quantize_base not in (None, "nf4", "int8"):
             raise ConfigError(f"--quantize-base must be nf4 or int8, got {self.quantize_base!r}")
+        if isinstance(self.loftq_iters, bool) or not (
+            isinstance(self.loftq_iters, int) and self.loftq_iters >= 0
+        ):
+            raise ConfigError(f"--loftq-iters must be an int >= 0, got {self.loftq_iters!r}")
+        if self.loftq_iters and not self.quantize_base:
+            raise ConfigError(
+                "--loftq-iters initialises the adapters from the base's quantization error; "
+                "add --quantize-base nf4 (or int8)"
+            )
+        if self.loftq_iters and self.method not in ("lora", "dora"):
+            raise ConfigError(
+                f"--loftq-iters initialises LoRA or DoRA factors, not {self.method!r}'s; use "
+                "--method lora or dora, or drop the flag"
+            )
         if self.adapter_optimizer not in ADAPTER_OPTIMIZERS:
             raise ConfigError(
                 f"--adapter-optimizer must be one of {', '.join(ADAPTER_OPTIMIZERS)}, got "
@@ -692,7 +713,11 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
             _adapter_factory(cfg),
             key=jax.random.key(cfg.seed),
             rngs=nnx.Rngs(dropout=cfg.seed),
-            quantize_base=cfg.quantize_base,
+            quantize_base=(
+                reparam.QuantConfig(cfg.quantize_base, loftq_iters=cfg.loftq_iters)
+                if cfg.loftq_iters
+                else cfg.quantize_base
+            ),
         )
         # a copy: the training step donates the adapters' arrays
         initial = jax.tree.map(jnp.copy, reparam.adapters_of(model))

@@ -50,6 +50,9 @@ def add_finetune_commands(
                     help="tokens per row; longer records are truncated [512]")  # fmt: skip
     ft.add_argument("--seed", type=int, default=0, help="seed of init, split and batches [0]")
     ft.add_argument("--quantize-base", choices=("nf4", "int8"), help="QLoRA: quantized base")
+    ft.add_argument("--loftq-iters", type=int, default=0, metavar="T",
+                    help="with --quantize-base, lora/dora: init the adapters from the "
+                    "quantization error by T LoftQ alternations [0: B = 0]")  # fmt: skip
     ft.add_argument("--adapter-optimizer", default="adamw",
                     help="adamw, loraplus, lorafa (--method lora), allora, ggpo [adamw]")
     ft.add_argument("--eval-every", type=int, default=0, help="steps between evaluations [end]")

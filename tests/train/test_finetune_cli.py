@@ -215,6 +215,24 @@ def test_qlora_nf4_trains_and_the_loss_falls(checkpoint, tmp_path):
     assert "lm_head" in config["target_modules"]
 
 
+def test_loftq_iters_start_the_quantized_model_nearer_the_float_one(checkpoint, tmp_path):
+    """--loftq-iters: the adapters start from the NF4 error, so the effective weights (base +
+    adapter, merged) are nearer the float checkpoint's than plain QLoRA's (B = 0)."""
+    from lowrank_jax import reparam
+
+    model, data = checkpoint
+    common = dict(model=model, data=data, method="lora", rank=8, lr=1e-12, steps=1,
+                  batch_size=4, max_seq_len=64)  # fmt: skip
+    kernels = {}
+    for name, extra in (("float", {}), ("qlora", {"quantize_base": "nf4"}),
+                        ("loftq", {"quantize_base": "nf4", "loftq_iters": 3})):  # fmt: skip
+        cfg = FinetuneConfig(out=str(tmp_path / name), **common, **extra)
+        merged = reparam.unwrap(nnx.clone(finetune(cfg, **QUIET).model), merge=True)
+        kernels[name] = np.asarray(merged.layers[0].mlp.up_proj.kernel[...])
+    error = {k: np.linalg.norm(kernels[k] - kernels["float"]) for k in ("qlora", "loftq")}
+    assert 0 < error["loftq"] < 0.8 * error["qlora"], error
+
+
 def test_gguf_checkpoint_fine_tunes(checkpoint, tmp_path):
     pytest.importorskip("gguf", reason="needs the gguf package (the `finetune` extra)")
     from tests.models.gguf_writer import convert
@@ -266,6 +284,11 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsys):
     assert "bad.jsonl:3: missing field 'response'" in _error([*base, "--data", bad], capsys)
     err = _error([*base, "--data", data, "--method", "galore", "--quantize-base", "nf4"], capsys)
     assert "--quantize-base" in err and "adapter methods" in err
+    err = _error([*base, "--data", data, "--loftq-iters", "2"], capsys)
+    assert "--loftq-iters" in err and "--quantize-base nf4" in err
+    err = _error([*base, "--data", data, "--method", "pissa", "--quantize-base", "nf4",
+                  "--loftq-iters", "2"], capsys)  # fmt: skip
+    assert "--loftq-iters" in err and "'pissa'" in err
     err = _error([*base, "--data", data, "--method", "adamw", "--merge"], capsys)
     assert "--merge" in err
     untokenized = tmp_path / "bare"
