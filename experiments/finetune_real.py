@@ -74,7 +74,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lowrank_jax import memory
 from lowrank_jax.train.finetune import FinetuneConfig, finetune
@@ -152,18 +151,17 @@ def owlore_probabilities(
 ) -> tuple[list[float], list[float]]:
     """OwLore's layer probabilities for ``model``: ``(probabilities, outlier scores)``.
 
-    Runs the model (a :class:`~lowrank_jax.models.Llama` with unstacked layers; eagerly) on the
-    first ``rows`` packed rows of ``data_path`` (tokenized by ``tokenizer``) while every linear
-    layer inside the decoder layers records the L2 norm of each input feature over the
-    non-padding tokens, then scores every layer by OWL's outlier ratio of
-    ``|W_ij|·‖X_j‖`` (:func:`~lowrank_jax.transforms.outlier_scores`, ``m =``
+    Runs the model (a :class:`~lowrank_jax.models.Llama`; eagerly) on the first ``rows``
+    packed rows of ``data_path`` (tokenized by ``tokenizer``) while every linear layer records
+    the L2 norm of each input feature over the non-padding tokens
+    (:func:`lowrank_jax.models.owlore_probabilities`), then scores every layer by OWL's outlier
+    ratio of ``|W_ij|·‖X_j‖`` (:func:`~lowrank_jax.transforms.outlier_scores`, ``m =``
     :data:`OUTLIER_M`) and normalises the scores
     (:func:`~lowrank_jax.transforms.owl_probabilities`).
     """
     from lowrank_jax.data.sft import read_examples, tokenize_example
     from lowrank_jax.data.sft_packing import pack_examples
-    from lowrank_jax.models.layers import Linear
-    from lowrank_jax.transforms import feature_norms, outlier_scores, owl_probabilities
+    from lowrank_jax.models import owlore_probabilities as model_probabilities
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     examples = read_examples(data_path)
@@ -171,32 +169,12 @@ def owlore_probabilities(
         [tokenize_example(e, tokenizer) for e in examples[: rows * 4]], max_seq_len, pad_id=pad
     )
     batch = data.batch(np.arange(min(rows, len(data.inputs))))
-    keep = jnp.asarray(batch["segment_ids"] > 0, jnp.float32)[..., None]
-    norms: dict[str, jax.Array] = {}
-
-    def recorder(path: str, cls: type) -> type:
-        class Recording(cls):  # the layer's own class, noting its inputs' feature norms
-            def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-                norms[path] = feature_norms(inputs * keep.astype(inputs.dtype))
-                return super().__call__(inputs, out_sharding)
-
-        return Recording
-
-    swapped = []
-    for path, node in nnx.iter_graph(model.layers):
-        if isinstance(node, Linear):
-            name = "/".join(str(p) for p in ("layers", *path, "kernel"))
-            swapped.append((node, type(node)))
-            node.__class__ = recorder(name, type(node))
-    try:
-        model(jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
-              jnp.asarray(batch["segment_ids"]))  # fmt: skip
-    finally:
-        for node, cls in swapped:
-            node.__class__ = cls
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    scores = outlier_scores(params, norms, m=OUTLIER_M)
-    return [float(p) for p in owl_probabilities(scores)], [float(s) for s in scores]
+    segments = jnp.asarray(batch["segment_ids"])
+    probs, scores = model_probabilities(
+        model, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]), segments,
+        mask=segments > 0, m=OUTLIER_M,
+    )  # fmt: skip
+    return [float(p) for p in probs], [float(s) for s in scores]
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:

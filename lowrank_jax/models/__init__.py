@@ -9,3 +9,6 @@ from lowrank_jax.models.llama import Llama as Llama
 from lowrank_jax.models.llama import LlamaConfig as LlamaConfig
 from lowrank_jax.models.llama import get_config as get_config
 from lowrank_jax.models.llama import init_cache as init_cache
+from lowrank_jax.models.recording import input_feature_norms as input_feature_norms
+from lowrank_jax.models.recording import owlore_probabilities as owlore_probabilities
+from lowrank_jax.models.recording import record_input_norms as record_input_norms

@@ -99,7 +99,7 @@ DYLORA_RANK_STREAM = 2**31 - 1
 RUN_SHAPING = (
     "model", "data", "method", "targets", "rank", "alpha", "options", "lr", "steps",
     "batch_size", "accum_steps", "layerwise", "max_seq_len", "seed", "quantize_base",
-    "loftq_iters", "val_fraction", "tokenizer", "adapter_optimizer",
+    "loftq_iters", "val_fraction", "tokenizer", "adapter_optimizer", "calibration_rows",
 )  # fmt: skip
 # The optimizers of the adapter methods (--adapter-optimizer): AdamW, or a LoRA-side rule on
 # the factors A and B (lowrank_jax.optimizers: LoRA+, LoRA-FA, ALLoRA; LoRA-GGPO).
@@ -107,6 +107,8 @@ ADAPTER_OPTIMIZERS = ("adamw", "loraplus", "lorafa", "allora", "ggpo")
 # LoRA-GGPO's noise scale and gradient weight (the public port's defaults)
 GGPO_SIGMA, GGPO_BETA = 0.03, 0.01
 ADAPTER_LR = 2e-4  # the QLoRA paper's rate for small models
+# OwLore without --opt probs: the outlier threshold m of its layer scores (OWL's M)
+OWLORE_M = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,11 @@ class FinetuneConfig:
         the run must be the same; a fresh start when there is none).
       stop_at: stop after this step with a checkpoint, as an interrupted run would (tests,
         time-limited jobs); resume later with ``resume``.
+      calibration_rows: ``method="owlore"`` without ``options["probs"]``: the layer
+        probabilities are computed from the pretrained model on the first this many packed
+        training rows (:func:`~lowrank_jax.models.owlore_probabilities`, padding left out,
+        ``m =`` :data:`OWLORE_M`), logged and recorded in ``metrics.jsonl`` (an ``owlore``
+        line and the summary). Explicit ``probs`` are used as given.
     """
 
     model: str
@@ -193,6 +200,7 @@ class FinetuneConfig:
     checkpoint_every: int = 0
     resume: bool = False
     stop_at: int | None = None
+    calibration_rows: int = 16
 
     @property
     def adapter(self) -> bool:
@@ -221,7 +229,7 @@ class FinetuneConfig:
                 f"registered optimizer ({optimizers})"
             )
         for name in ("steps", "batch_size", "accum_steps", "rank", "eval_max_new_tokens",
-                     "log_every"):  # fmt: skip
+                     "log_every", "calibration_rows"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.batch_size % self.accum_steps:
@@ -395,10 +403,57 @@ def _ggpo_sites(model: Any) -> dict[str, tuple[Any, Any]]:
     return sites
 
 
-def _optimizer(cfg: FinetuneConfig, schedule: Any) -> Any:
+def _owlore_calibration(
+    cfg: FinetuneConfig, model: Any, train: SFTData, log: Callable[[str], None]
+) -> dict:
+    """OwLore's layer probabilities from ``model`` on the first ``cfg.calibration_rows`` rows.
+
+    The rows run ``batch_size`` at a time (the feature norms of the chunks add up in squares);
+    the padding is left out.
+    """
+    from lowrank_jax.models import input_feature_norms
+    from lowrank_jax.transforms import outlier_scores, owl_probabilities
+
+    rows = np.arange(min(cfg.calibration_rows, len(train.inputs)))
+    squares: dict[str, np.ndarray] = {}
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = train.batch(rows[start : start + cfg.batch_size])
+        segments = jnp.asarray(batch["segment_ids"])
+        norms = input_feature_norms(
+            model, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]), segments,
+            mask=segments > 0,
+        )  # fmt: skip
+        for path, norm in norms.items():
+            squares[path] = squares.get(path, 0.0) + np.square(norm.astype(np.float64))
+    norms = {path: np.sqrt(total) for path, total in squares.items()}
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    try:
+        scores = outlier_scores(params, norms, m=OWLORE_M)
+        probs = owl_probabilities(scores)
+    except ValueError as err:
+        raise ConfigError(
+            f"--method owlore: no layer probabilities from the calibration rows ({err}); "
+            "pass --opt probs=[p_0,...,p_{L-1}]"
+        ) from None
+    calibration = {
+        "probs": [float(p) for p in probs],
+        "outlier_scores": [float(x) for x in scores],
+        "calibration_rows": len(rows),
+        "m": OWLORE_M,
+    }
+    log(
+        f"owlore: layer probabilities from {len(rows)} calibration rows (m = {OWLORE_M:g}): "
+        + " ".join(f"{p:.3f}" for p in probs)
+    )
+    return calibration
+
+
+def _optimizer(cfg: FinetuneConfig, schedule: Any, probs: Any = None) -> Any:
     from lowrank_jax.train.registry import OptimizerArgs, build_optimizer
 
     extra = dict(cfg.options)
+    if probs is not None:
+        extra["probs"] = probs
     if cfg.targets:
         extra["targets"] = cfg.targets
     args = OptimizerArgs(schedule, rank=cfg.rank, seed=cfg.seed, total_steps=cfg.steps, extra=extra)
@@ -706,7 +761,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         raise ConfigError("--eval-generate needs prompt/response or messages records held out")
     lr = cfg.lr or (ADAPTER_LR if cfg.adapter else _default_lr(cfg.method))
     schedule = warmup_cosine(lr, cfg.steps, max(1, cfg.steps // 10))
-    initial = None
+    initial = calibration = None
     if cfg.adapter:
         model = reparam.wrap(
             model,
@@ -727,7 +782,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     else:
         graph, params, rngs, frozen = nnx.split(model, nnx.Param, nnx.RngState, ...)
         trainable = nnx.to_pure_dict(params)  # plain dicts: what the optimizers' targets see
-        tx = _optimizer(cfg, schedule)
+        if cfg.method == "owlore" and "probs" not in cfg.options:
+            calibration = _owlore_calibration(cfg, model, train_data, log)
+        tx = _optimizer(cfg, schedule, calibration and calibration["probs"])
     rest = (rngs, frozen)  # what the model needs besides the trained arrays
     # DyLoRA trains at a rank drawn every step (from the step's key, inside the compiled step)
     loss_fn, summed = _losses(graph, _dylora_draw(model) if cfg.adapter else None)
@@ -798,6 +855,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         before = next(r for r in metrics.resumed_records if r.get("step") == 0 and "val_loss" in r)
     else:
         metrics.write(info)
+        if calibration:
+            metrics.write({"owlore": calibration})
         before = evaluate(0)
     began = time.perf_counter()
     skipped = run_of_skips = 0
@@ -853,6 +912,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         "seconds": round(seconds, 2),
         "saved": saved,
     }
+    if calibration:
+        summary["owlore"] = calibration
     if "exact_match" in record:
         summary["exact_match_before"] = before["exact_match"]
         summary["exact_match"] = record["exact_match"]

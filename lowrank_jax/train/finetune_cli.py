@@ -66,6 +66,9 @@ def add_finetune_commands(
     ft.add_argument("--checkpoint-every", type=int, default=0,
                     help="steps between checkpoints in OUT/checkpoints [0: none]")  # fmt: skip
     ft.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
+    ft.add_argument("--calibration-rows", type=int, default=16, metavar="N",
+                    help="--method owlore without --opt probs: the training rows whose "
+                    "activations give the layer probabilities [16]")  # fmt: skip
     gen = commands.add_parser(
         "generate", help="print a model's reply to a prompt (optionally with an adapter)"
     )

@@ -242,7 +242,8 @@ BUILTINS: tuple[Builtin, ...] = (
     Builtin(
         "owlore",
         "lowrank_jax.optimizers:owlore_adamw",
-        "lowrank_jax.owlore_adamw (outlier-weighted layer sampling + GaLore; --opt probs=[...])",
+        "lowrank_jax.owlore_adamw (outlier-weighted layer sampling + GaLore; --opt probs=[...], "
+        "which finetune computes when absent)",
         3e-4,
         (*_PROJECTED, *_ADAM),
         eps=1e-6,

@@ -22,6 +22,9 @@ __all__ = ["feature_norms", "outlier_scores", "owl_probabilities"]
 def feature_norms(inputs: jax.Array) -> jax.Array:
     """``‖X_j‖₂`` of each input feature ``j`` (last axis) over all tokens (every other axis).
 
+    For the layers of a :mod:`lowrank_jax.models` model,
+    :func:`lowrank_jax.models.input_feature_norms` collects them all on a calibration batch.
+
     Args:
       inputs: the activations entering a linear layer on a calibration batch, ``(..., in)``.
 
@@ -54,7 +57,9 @@ def outlier_scores(
     Args:
       params: the (pretrained) parameters; layers found as in :func:`lowrank_jax.lisa`.
       input_norms: ``{leaf path: ‖X‖}`` for every targeted layer matrix: ``[in]`` for a
-        per-layer leaf, ``[L, in]`` for a stacked one (see :func:`feature_norms`).
+        per-layer leaf, ``[L, in]`` for a stacked one (see :func:`feature_norms`;
+        :func:`lowrank_jax.models.input_feature_norms` gives them for a model, and
+        :func:`lowrank_jax.models.owlore_probabilities` the probabilities).
       m: outlier threshold ``M`` (OWL's ``--Hyper_m``; OwLore's cache name suggests 13 for
         LLaMA-2-7B, unverified; 5 here).
       layer_pattern, stacked_pattern: as :func:`lowrank_jax.lisa`.

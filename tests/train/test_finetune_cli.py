@@ -514,3 +514,61 @@ def test_adapters_with_a_schedule_finetune_does_not_run_are_refused(
     assert f"--method {method}: finetune does not run" in err and api in err
     assert f"experiments/finetune.py --methods {method}" in err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_owlore_without_probs_calibrates_them_on_training_rows(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    from lowrank_jax.models import owlore_probabilities
+    from lowrank_jax.models.pretrained import load_pretrained
+    from lowrank_jax.train.config import ConfigError
+    from lowrank_jax.train.finetune import _pack
+
+    model, data = checkpoint
+    out = str(tmp_path / "owlore")
+    argv = ["finetune", "--model", model, "--data", data, "--out", out, "--method", "owlore",
+            "--rank", "4", "--steps", "2", "--batch-size", "2", "--max-seq-len", "64",
+            "--calibration-rows", "3", "--opt", "n_active=1", "--opt", "interval=1"]  # fmt: skip
+    assert main(argv) == 0
+    assert "owlore: layer probabilities from 3 calibration rows (m = 5)" in capsys.readouterr().out
+    records = _records(out)
+    calibration = next(r["owlore"] for r in records if "owlore" in r and "summary" not in r)
+    assert records[-1]["owlore"] == calibration
+    assert calibration["calibration_rows"] == 3 and calibration["m"] == 5.0
+    # the library's probabilities of the pretrained model on the first three training rows
+    base, tokenizer = load_pretrained(model)
+    cfg = FinetuneConfig(model=model, data=data, out=out, max_seq_len=64)
+    batch = _pack(cfg, tokenizer)[0].batch(np.arange(3))
+    segments = jnp.asarray(batch["segment_ids"])
+    probs, scores = owlore_probabilities(
+        base, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]), segments,
+        mask=segments > 0,
+    )  # fmt: skip
+    assert len(probs) == len(base.layers) and min(probs) >= 0
+    np.testing.assert_allclose(calibration["probs"], probs, rtol=1e-9)
+    np.testing.assert_allclose(calibration["outlier_scores"], scores, rtol=1e-9)
+    # explicit probabilities are used as given: nothing calibrated (the run stops once the
+    # optimizer is built)
+    from lowrank_jax.train import finetune as module
+
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def optimizer(cfg, schedule, probs=None):
+        built.append((cfg.options, probs))
+        raise Built
+
+    def calibration(*args):
+        raise AssertionError("calibrated despite the given probs")
+
+    monkeypatch.setattr(module, "_optimizer", optimizer)
+    monkeypatch.setattr(module, "_owlore_calibration", calibration)
+    cfg = FinetuneConfig(model=model, data=data, out=str(tmp_path / "given"), method="owlore",
+                         max_seq_len=64, options={"probs": [0.25, 0.75]})  # fmt: skip
+    with pytest.raises(Built):
+        finetune(cfg, **QUIET)
+    assert built == [({"probs": [0.25, 0.75]}, None)]
+    with pytest.raises(ConfigError, match="--calibration-rows must be at least 1"):
+        FinetuneConfig(model=model, data=data, out=out, calibration_rows=0).validate()
