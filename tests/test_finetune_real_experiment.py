@@ -95,7 +95,7 @@ def test_default_methods_and_rates_cover_the_same_names():
 
     assert list(finetune_real.METHODS) == list(finetune_real.LEARNING_RATES)
     assert list(finetune_real.METHODS) == [
-        "adamw", "lora", "dora", "pissa", "qlora", "galore", "lisa", "owlore",
+        "adamw", "lora", "dora", "pissa", "qlora", "qlora_loftq", "galore", "lisa", "owlore",
     ]  # fmt: skip
 
 
