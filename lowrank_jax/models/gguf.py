@@ -15,8 +15,12 @@ as HF's ``llama3`` rope parameters.
 
 The tokenizer (:func:`gguf_tokenizer`) is rebuilt from ``tokenizer.ggml.*`` for byte-level BPE
 vocabularies (``tokenizer.ggml.model == "gpt2"``), with the pre-tokenizer llama.cpp uses for
-the file's ``tokenizer.ggml.pre``; SentencePiece vocabularies (``"llama"``: Gemma, LLaMA 2)
-are an :class:`UnsupportedCheckpointError` (use the checkpoint's ``tokenizer.json``).
+the file's ``tokenizer.ggml.pre``, and for SentencePiece BPE vocabularies (``"llama"``: LLaMA
+1/2, Mistral, Gemma), whose merges follow ``tokenizer.ggml.scores`` with byte fallback and the
+``"▁"`` space prefix unless ``tokenizer.ggml.add_space_prefix`` is false
+(:mod:`~lowrank_jax.models.gguf_sentencepiece`). Other vocabularies (``"bert"``, the unigram
+``"t5"``, ...) are an :class:`UnsupportedCheckpointError` (use the checkpoint's
+``tokenizer.json``).
 
 Example:
   >>> from lowrank_jax.models.gguf import gguf_tokenizer, load_gguf
@@ -355,14 +359,31 @@ def _pre_tokenizer(tokenizers: Any, pre: str) -> tuple[Any, Any]:
     return pre_tokenizers.Sequence(steps), normalizer
 
 
+def _sentencepiece(
+    reader: Any, tokenizers: Any, tokens: list, types: list, merges: list, unk: int | None
+) -> Any:
+    from lowrank_jax.models.gguf_sentencepiece import sentencepiece_bpe
+
+    if unk is None:  # the UNKNOWN-typed token, as llama.cpp
+        unk = next((i for i, kind in enumerate(types) if kind == 2), None)
+    return sentencepiece_bpe(
+        tokenizers,
+        tokens,
+        _field(reader, "tokenizer.ggml.scores"),
+        unk_token=None if unk is None else tokens[unk],
+        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        merges=merges or None,
+    )
+
+
 def gguf_tokenizer(path: Any) -> Any:
     """The tokenizer stored in a GGUF file's metadata (``path``: the file or a
     ``gguf.GGUFReader``), as an :class:`~lowrank_jax.data.hf_tokenizer.HFTokenizer` (chat
     template and special ids too).
 
     Raises:
-      UnsupportedCheckpointError: no tokenizer in the file, a SentencePiece vocabulary, or an
-        unknown pre-tokenizer.
+      UnsupportedCheckpointError: no tokenizer in the file, a vocabulary other than byte-level
+        BPE (``gpt2``) or SentencePiece BPE (``llama``), or an unknown pre-tokenizer.
     """
     from lowrank_jax.data.hf_tokenizer import HFTokenizer, _import_tokenizers, bos_eos_processor
 
@@ -372,29 +393,15 @@ def gguf_tokenizer(path: Any) -> Any:
         raise UnsupportedCheckpointError(
             f"{reader.data.filename} has no tokenizer (tokenizer.ggml.model)."
         )
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         raise UnsupportedCheckpointError(
-            f"GGUF tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' is); "
-            "use the checkpoint's tokenizer.json"
+            f"GGUF tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' and "
+            "SentencePiece BPE 'llama' are); use the checkpoint's tokenizer.json"
         )
     tokenizers = _import_tokenizers()
     tokens = _field(reader, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
-    bpe = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges)
-    tok = tokenizers.Tokenizer(bpe)
-    tok.pre_tokenizer, normalizer = _pre_tokenizer(
-        tokenizers, _field(reader, "tokenizer.ggml.pre", "default")
-    )
-    if normalizer is not None:
-        tok.normalizer = normalizer
-    tok.decoder = tokenizers.decoders.ByteLevel()
     types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    control = [t for t, kind in zip(tokens, types) if kind == 3]  # llama.cpp CONTROL
-    user = [t for t, kind in zip(tokens, types) if kind == 4]  # USER_DEFINED
-    tok.add_special_tokens(
-        [tokenizers.AddedToken(t, special=True, normalized=False) for t in control]
-    )
-    tok.add_tokens([tokenizers.AddedToken(t, normalized=False) for t in user])
     ids = {
         name: _field(reader, f"tokenizer.ggml.{key}_token_id")
         for name, key in (
@@ -404,12 +411,34 @@ def gguf_tokenizer(path: Any) -> Any:
             ("pad_token", "padding"),
         )
     }
+    if model == "llama":
+        tok = _sentencepiece(reader, tokenizers, tokens, types, merges, ids["unk_token"])
+    else:
+        tok = tokenizers.Tokenizer(
+            tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges)
+        )
+        tok.pre_tokenizer, normalizer = _pre_tokenizer(
+            tokenizers, _field(reader, "tokenizer.ggml.pre", "default")
+        )
+        if normalizer is not None:
+            tok.normalizer = normalizer
+        tok.decoder = tokenizers.decoders.ByteLevel()
+    # llama.cpp matches CONTROL (and, for SentencePiece, UNKNOWN) tokens whole as special
+    # tokens, USER_DEFINED ones whole as text
+    special = (2, 3) if model == "llama" else (3,)
+    control = [t for t, kind in zip(tokens, types) if kind in special]
+    user = [t for t, kind in zip(tokens, types) if kind == 4]
+    tok.add_special_tokens(
+        [tokenizers.AddedToken(t, special=True, normalized=False) for t in control]
+    )
+    tok.add_tokens([tokenizers.AddedToken(t, normalized=False) for t in user])
     specials = {name: tokens[i] for name, i in ids.items() if i is not None}
     tok.post_processor = bos_eos_processor(
         tok,
         specials.get("bos_token"),
         specials.get("eos_token"),
-        bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        # llama.cpp adds bos to a SentencePiece vocabulary unless the file says not to
+        bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
         bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
     )
     stops = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]

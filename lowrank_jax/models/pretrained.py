@@ -56,7 +56,7 @@ def load_pretrained(
     Args:
       spec: the checkpoint (see :func:`resolve_checkpoint`).
       tokenizer_path: a directory with ``tokenizer.json`` to use instead of the checkpoint's
-        own (e.g. for a GGUF whose SentencePiece vocabulary is not read).
+        own (e.g. for a GGUF whose unigram or WordPiece vocabulary is not read).
       **overrides: :class:`~lowrank_jax.models.LlamaConfig` fields of ours (``scan_layers``,
         ``remat``, ``dtype``, ``param_dtype``, ...).
 

@@ -163,3 +163,62 @@ def _add_tokenizer(writer, tokenizer_json, chat_template):
     writer.add_add_bos_token(False)
     if chat_template:
         writer.add_chat_template(chat_template)
+
+
+def write_vocab(
+    out,
+    tokens,
+    *,
+    model="llama",
+    arch="llama",
+    scores=None,
+    types=None,
+    special_ids=None,
+    add_bos=None,
+    add_space_prefix=None,
+    chat_template=None,
+):
+    """Writes ``out``, a GGUF holding only a tokenizer (``tokenizer.ggml.*`` as llama.cpp's
+    converter writes a SentencePiece vocabulary: tokens, scores, token types) and the few
+    hyperparameters transformers reads to build a config; no tensors.
+
+    Args:
+      special_ids: ``{"bos": 1, "eos": 2, "unk": 0, "pad": ...}`` (token ids).
+      add_bos, add_space_prefix: written only when not ``None``.
+    """
+    gguf = pytest.importorskip("gguf", reason="needs the gguf package (the `finetune` extra)")
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(list(tokens))
+    if scores is not None:
+        writer.add_token_scores([float(s) for s in scores])
+    if types is not None:
+        writer.add_token_types([int(t) for t in types])
+    setters = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
+    for name, index in (special_ids or {}).items():
+        setters[name](index)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(out)
