@@ -130,11 +130,14 @@ class FinetuneConfig:
         (longer records are truncated) and seed.
       accum_steps: split each step's ``batch_size`` rows into this many microbatches whose
         gradients are summed before the one update (gradient accumulation: one microbatch's
-        activations; the loss is still the mean over all the batch's response tokens).
+        activations; the loss is still the mean over all the batch's response tokens). With
+        ``layerwise`` too the microbatches pass through the stacked layers one layer at a
+        time and each layer is updated once, with its gradient summed over them.
       layerwise: full-parameter methods: the model is loaded with its layers stacked and
         the optimizer updates each layer's weights inside the backward pass, as soon as their
         gradient exists (``make_train_step(layerwise=True)``; at most one layer's gradient is
         alive); the gradients are then clipped per layer (to norm 1) rather than globally.
+        Goes with ``accum_steps`` (exact: the same loss and update as one whole batch).
       quantize_base: ``"nf4"`` or ``"int8"``: QLoRA (adapter methods only).
       loftq_iters: with ``quantize_base`` and ``method`` lora or dora: ``T > 0`` LoftQ
         alternations initialise the adapters from the quantization error, so that base plus
@@ -284,8 +287,6 @@ class FinetuneConfig:
                 f"--layerwise updates every weight inside the backward pass (full-parameter "
                 f"methods: galore, adamw, ...); {self.method!r} trains adapters. Drop the flag"
             )
-        if self.layerwise and self.accum_steps > 1:
-            raise ConfigError("--layerwise with --accum-steps is not supported yet; drop one")
         if not self.adapter:
             if self.adapter_optimizer != "adamw":
                 raise ConfigError(
@@ -629,16 +630,20 @@ def _ggpo_noise_state(opt_state: Any) -> Any:
     return jax.tree.map(jnp.copy, found[0]._replace(inner_state=None))
 
 
-def _layerwise_loss(batch: dict) -> tuple[tuple, Callable[[jax.Array], jax.Array]]:
-    """The layer-wise step's form of the response-token loss: the model's inputs and the
-    batch's mean loss as a function of its logits."""
+def _layerwise_loss(
+    batch: dict,
+) -> tuple[tuple, Callable[[jax.Array], tuple[jax.Array, jax.Array]]]:
+    """The layer-wise step's form of the response-token loss: the model's inputs and, as a
+    function of the logits, the summed loss over ``batch``'s response tokens and their
+    count (so that with ``accum_steps`` the step divides the microbatches' summed totals by
+    their summed counts: the mean over all the batch's response tokens)."""
 
-    def loss(logits: jax.Array) -> jax.Array:
+    def loss(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
         nll = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["targets"]
         )
         mask = batch["loss_mask"].astype(jnp.float32)
-        return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return jnp.sum(nll * mask), jnp.sum(mask)
 
     return (batch["inputs"], batch["positions"], batch["segment_ids"]), loss
 
@@ -793,7 +798,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     if cfg.layerwise:  # full-parameter methods only (validate): nothing besides the weights
         train_step = make_train_step(
             graph, tx, grad_clip=1.0, clip_per_layer=True, schedule=schedule, layerwise=True,
-            layerwise_loss=_layerwise_loss,
+            accum_steps=cfg.accum_steps, layerwise_loss=_layerwise_loss,
         )  # fmt: skip
         extra = lambda key: ()
     else:

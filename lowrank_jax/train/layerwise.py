@@ -399,9 +399,13 @@ def layerwise_accumulate_step(
     """One layer-wise step over ``k`` microbatches (gradient accumulation); returns
     ``(params, opt_state, loss, grad_norm)`` of the whole batch, as :func:`layerwise_step`.
 
-    ``inputs`` (a tuple) and ``targets`` carry the microbatches on a leading axis of size
-    ``k``; the loss is the mean of the microbatches' losses, so the gradient is the mean of
-    theirs (equal-sized microbatches: the whole batch's mean loss and gradient).
+    ``inputs`` (a tuple) and ``targets`` (any pytree) carry the microbatches on a leading
+    axis of size ``k``; ``loss_of_logits(logits, target)`` is one microbatch's loss, either
+    its mean (a scalar: the loss is the mean of the microbatches' means, the whole batch's
+    mean when they weigh alike, as equal-sized microbatches of a token-mean loss do) or
+    ``(total, count)``, its summed loss and the number of terms summed (the loss is then
+    ``sum(total) / sum(count)`` over the microbatches, e.g. the mean over all the batch's
+    response tokens however they fall in the microbatches). The gradient is that loss's.
 
     The gradients are accumulated one layer at a time, exactly, for every method: the forward
     pass runs the microbatches one after another through each layer and keeps only each
@@ -413,12 +417,11 @@ def layerwise_accumulate_step(
     (low-rank) accumulator is needed, and a projector refresh sees the whole batch's gradient
     as in the ordinary step. The price is the remat price: each layer's forward runs twice.
     """
-    n_layers, k = split.n_layers, targets.shape[0]
+    n_layers = split.n_layers
     layer_part, rest_part = partition_params(params)
     stacked = layer_part[LAYERS]
     vectors = rest_part.get(LAYERS, {})
     state_leaves = split.full_treedef.flatten_up_to(opt_state)
-    seed = jnp.asarray(1.0 / k, jnp.float32)
 
     def embed(rest: Any, microbatch: Any) -> tuple[jax.Array, Any]:
         return model.embed(merge_params(layer_part, rest), microbatch)
@@ -435,21 +438,31 @@ def layerwise_accumulate_step(
 
     x_last, layer_inputs = jax.lax.scan(forward, x0, (stacked, vectors, jnp.arange(n_layers)))
 
+    def total_and_count(rest: Any, h: jax.Array, target: Any) -> tuple[jax.Array, jax.Array]:
+        out = loss_of_logits(model.head(merge_params(layer_part, rest), h), target)
+        total, count = out if isinstance(out, tuple) else (out, 1.0)  # a mean weighs 1
+        return total, jnp.asarray(count, jnp.float32)
+
     def head(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array]:
-        loss_sum, grads_sum = carry
+        total_sum, count_sum, grads_sum = carry
         x, target = xs
-        loss, vjp = jax.vjp(
-            lambda rest, h: loss_of_logits(model.head(merge_params(layer_part, rest), h), target),
-            rest_part,
-            x,
+        total, vjp, count = jax.vjp(
+            lambda rest, h: total_and_count(rest, h, target), rest_part, x, has_aux=True
         )
-        grads, dx = vjp(seed.astype(loss.dtype))
-        return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), dx
+        grads, dx = vjp(jnp.ones_like(total))  # of the total: divided by the count below
+        sums = (total_sum + total, count_sum + count, jax.tree.map(jnp.add, grads_sum, grads))
+        return sums, dx
 
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    (loss_sum, rest_grads), dx = jax.lax.scan(
-        head, (jnp.zeros([], jnp.float32), zeros(rest_part)), (x_last, targets)
+    zero = jnp.zeros([], jnp.float32)
+    (total, count, rest_grads), dx = jax.lax.scan(
+        head, (zero, zero, zeros(rest_part)), (x_last, targets)
     )
+    # The whole batch's count is known only now, before any layer's gradient exists: the
+    # loss is the summed total over it, and every gradient below follows from dx.
+    count = jnp.maximum(count, 1.0)
+    scale = lambda g: (g / count).astype(g.dtype)
+    rest_grads, dx = jax.tree.map(scale, rest_grads), scale(dx)
 
     def layer_grads(matrices: Any, index: jax.Array, saved: jax.Array, dx: jax.Array) -> tuple:
         vecs = _take(vectors, index)
@@ -481,7 +494,7 @@ def layerwise_accumulate_step(
         tx, split, state_leaves, stacked, rows, shared, rest_part, rest_grads, layer_sq,
         grad_clip, skip_nonfinite,
     )  # fmt: skip
-    return params, opt_state, loss_sum / k, grad_norm
+    return params, opt_state, total / count, grad_norm
 
 
 def _walk(

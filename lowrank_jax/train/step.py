@@ -171,7 +171,7 @@ def make_train_step(
     skip_nonfinite: bool = True,
     accum_steps: int = 1,
     loss_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
-    layerwise_loss: Callable[[Any], tuple[tuple, Callable[[jax.Array], jax.Array]]]
+    layerwise_loss: Callable[[Any], tuple[tuple, Callable[[jax.Array], Any]]]
     | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """One jitted step ``(state, batch) -> (state, metrics)``; ``state`` is donated.
@@ -218,7 +218,13 @@ def make_train_step(
     ``graphdef`` is not used and may be ``None``. The layer-wise step runs the model's pieces
     itself, so it takes a custom loss as ``layerwise_loss(batch) -> (inputs, loss_of_logits)``
     instead: the arguments of the model's ``embed_inputs`` (e.g. tokens, positions, segment
-    ids) and the batch's mean loss as a function of the logits (without accumulation).
+    ids) and the batch's loss as a function of the logits, either its mean or, like
+    ``loss_fn``, ``(total, count)`` (the step's loss is ``total / count``). With
+    ``accum_steps`` it is called on each microbatch (``batch`` any pytree with the rows
+    first, split as above): ``(total, count)`` gives the whole batch's ``sum(total) /
+    sum(count)``, however the counts fall in the microbatches (``lowrank-jax finetune
+    --layerwise --accum-steps``: the mean over all the batch's response tokens); a mean is
+    averaged over the microbatches, with equal weights.
 
     Args:
       graphdef: the model's ``nnx.GraphDef`` (params are ``nnx.to_pure_dict`` of its state).
@@ -235,8 +241,9 @@ def make_train_step(
       accum_steps: microbatches per step; must divide the batch size.
       loss_fn: ``(params, batch, *extra) -> (total, count)``; ``None``: the LLaMA loss of
         ``graphdef``.
-      layerwise_loss: with ``layerwise``, ``batch -> (inputs, loss_of_logits)``; ``None``:
-        the next-token loss of ``int[batch, seq_len + 1]`` tokens.
+      layerwise_loss: with ``layerwise``, ``batch -> (inputs, loss_of_logits)``, with
+        ``loss_of_logits(logits)`` the mean or ``(total, count)``; ``None``: the next-token
+        loss of ``int[batch, seq_len + 1]`` tokens.
 
     Returns:
       The step. ``batch`` is ``int[batch, seq_len + 1]``; metrics: ``loss``, ``grad_norm``,
@@ -259,11 +266,6 @@ def make_train_step(
             raise ValueError(
                 "layerwise=True runs the model's embedding, layers and head itself: give a "
                 "custom loss as layerwise_loss(batch) -> (inputs, loss_of_logits), not loss_fn"
-            )
-        if layerwise_loss is not None and accum_steps > 1:
-            raise ValueError(
-                "layerwise_loss with accum_steps > 1 is not supported: use accum_steps=1 or "
-                "the ordinary step (loss_fn) for accumulation"
             )
         step = _layerwise_step(
             graphdef, tx, grad_clip, clip_per_layer, schedule, skip_nonfinite, accum_steps,
@@ -385,16 +387,19 @@ def _layerwise_step(
         pieces = layerwise.model_pieces(graphdef, state.params)
         split = layerwise.split_state(tx, state.params, method=_describe(tx))
         if accum_steps > 1:
-            micro = microbatches(batch, accum_steps)
+            # the microbatches (rows m, m + k, ... of every leaf) on a leading axis, and each
+            # one's model inputs; its loss is layerwise_loss's of the same microbatch
+            micro = jax.tree.map(lambda x: microbatches(x, accum_steps), batch)
+            inputs = jax.lax.map(lambda mb: tuple(layerwise_loss(mb)[0]), micro)
             params, opt_state, loss, grad_norm = layerwise.layerwise_accumulate_step(
                 pieces,
                 tx,
                 split,
                 state.params,
                 state.opt_state,
-                (micro[:, :, :-1],),
-                micro[:, :, 1:],
-                cross_entropy,
+                inputs,
+                micro,
+                lambda logits, mb: layerwise_loss(mb)[1](logits),
                 grad_clip=grad_clip,
                 skip_nonfinite=skip_nonfinite,
             )
@@ -407,7 +412,7 @@ def _layerwise_step(
                 state.params,
                 state.opt_state,
                 inputs,
-                loss_of_logits,
+                lambda logits: _mean(loss_of_logits(logits)),
                 grad_clip=grad_clip,
                 recompute=bool(getattr(nnx.merge(graphdef, state.params).config, "remat", False)),
                 skip_nonfinite=skip_nonfinite,
@@ -423,6 +428,14 @@ def _layerwise_step(
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
+
+
+def _mean(loss: Any) -> jax.Array:
+    """A ``layerwise_loss``'s value as the mean: itself, or ``total / count``."""
+    if not isinstance(loss, tuple):
+        return loss
+    total, count = loss
+    return total / jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
 
 
 def _describe(tx: Any) -> str:

@@ -14,7 +14,7 @@ from lowrank_jax import memory
 from lowrank_jax.models import Llama, get_config
 from lowrank_jax.train import RunConfig, train
 from lowrank_jax.train.config import ConfigError
-from lowrank_jax.train.step import TrainState, make_train_step, microbatches
+from lowrank_jax.train.step import TrainState, cross_entropy, make_train_step, microbatches
 from tests.helpers import losses_on_a_4x2_mesh
 from tests.train.runs import TINY
 from tests.train.runs import losses as _losses
@@ -155,3 +155,82 @@ def test_accum_steps_in_the_trainer_and_its_errors(tmp_path):
         RunConfig(**dict(TINY, accum_steps=3)).validate()
     with pytest.raises(ConfigError, match="--accum-steps must be a positive integer"):
         RunConfig(**dict(TINY, accum_steps=0)).validate()
+
+
+def masked_loss(batch):
+    """A fine-tuning ``layerwise_loss``: the next-token loss over the positions ``mask``
+    keeps, as ``(total, count)`` so that accumulation weighs microbatches by their count."""
+
+    def loss(logits):
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["tokens"][:, 1:]
+        )
+        mask = batch["mask"].astype(jnp.float32)
+        return jnp.sum(nll * mask), jnp.sum(mask)
+
+    return (batch["tokens"][:, :-1],), loss
+
+
+def masked_batches(n=2):
+    # microbatch 0 (rows 0, 2) keeps 27 positions, microbatch 1 (rows 1, 3) keeps 3: a mean of
+    # the microbatches' means would weigh each of microbatch 1's tokens 9x more
+    mask = np.zeros((ROWS, 16), bool)
+    mask[0, 2:] = mask[2, 3:] = mask[1, 14:] = mask[3, 15:] = True
+    return [{"tokens": t, "mask": jnp.asarray(mask)} for t in batches(n)]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "galore"])
+def test_layerwise_accumulation_of_a_custom_loss_is_the_whole_batchs_token_mean(name):
+    """``layerwise_loss`` returning ``(total, count)`` with ``accum_steps=2``: the same loss
+    (the mean over all the batch's kept tokens), gradient norm and parameters as the
+    one-batch layer-wise step, though the microbatches keep very different numbers of
+    tokens."""
+    graphdef, params = tiny()
+    # eps=1e-6: Adam's g / (|g| + eps) turns round-off in a near-zero gradient entry into up
+    # to ~lr of update; eps bounds that magnification (optax's 1e-8 is below round-off here)
+    tx = {"sgd": lambda: optax.sgd(0.5), "adamw": lambda: optax.adamw(1e-2, eps=1e-6),
+          "galore": lambda: lr.galore_adamw(1e-2, rank=8, update_proj_gap=1)}[name]()  # fmt: skip
+    data = masked_batches()
+    results = []
+    for k in (1, K):
+        step = make_train_step(graphdef, tx, layerwise=True, accum_steps=k,
+                               layerwise_loss=masked_loss)  # fmt: skip
+        results.append(run(step, tx, params, data))
+    (want, want_losses, want_norms), (got, losses, norms) = results
+    first = data[0]
+    total, count = masked_loss(first)[1](nnx.merge(graphdef, params)(first["tokens"][:, :-1]))
+    assert want_losses[0] == pytest.approx(float(total / count), rel=1e-5)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
+    # Adam's updates are ~lr * g / (|g| + eps): the parameters agree to 1% of lr (a mean of
+    # the microbatches' means would move most of them by ~lr)
+    atol = 1e-6 if name == "sgd" else 1e-2 * 1e-2
+    for x, y in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=atol)
+
+
+def test_layerwise_accumulation_of_a_mean_loss_weighs_microbatches_equally():
+    """A ``layerwise_loss`` that returns the mean (no count): the microbatches' means are
+    averaged, which is the whole batch's mean when they keep as many tokens (here: all)."""
+    graphdef, params = tiny()
+    tx = optax.sgd(0.5)
+
+    def mean_loss(batch):
+        return (batch[:, :-1],), lambda logits: cross_entropy(logits, batch[:, 1:])
+
+    data = batches(2)
+    want = run(make_train_step(graphdef, tx, layerwise=True), tx, params, data)
+    got = run(make_train_step(graphdef, tx, layerwise=True, accum_steps=K,
+                              layerwise_loss=mean_loss), tx, params, data)  # fmt: skip
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(want[0].params), jax.tree.leaves(got[0].params), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_layerwise_accumulation_of_a_custom_loss_refuses_a_remainder():
+    graphdef, params = tiny()
+    tx = optax.sgd(0.1)
+    step = make_train_step(graphdef, tx, layerwise=True, accum_steps=3, layerwise_loss=masked_loss)
+    state = TrainState(jnp.int32(0), params, tx.init(params))
+    with pytest.raises(ValueError, match="accum_steps=3 must divide the batch size 4"):
+        step(state, masked_batches(1)[0])

@@ -430,9 +430,31 @@ def test_layerwise_full_parameter_fine_tuning(checkpoint, tmp_path):
     from lowrank_jax.train.config import ConfigError
 
     for bad, match in (({"method": "lora"}, "--layerwise updates every weight"),
-                       ({"accum_steps": 2}, "--layerwise with --accum-steps")):  # fmt: skip
+                       ({"accum_steps": 3}, "--accum-steps 3 must divide --batch-size 2"),
+                       ):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             dataclasses.replace(cfg, **bad).validate()
+
+
+def test_layerwise_accumulation_trains_like_the_whole_batch(checkpoint, tmp_path):
+    """--layerwise --accum-steps 2: the microbatches (one packed row each, with different
+    numbers of response tokens) pass through the stacked layers one layer at a time, and the
+    run follows the one-batch layer-wise run (the loss is the mean over all the batch's
+    response tokens either way)."""
+    model, data = checkpoint
+    runs = []
+    for k in (1, 2):
+        out = str(tmp_path / f"lw{k}")
+        cfg = FinetuneConfig(model=model, data=data, out=out, method="adamw", steps=3,
+                             batch_size=2, max_seq_len=64, lr=1e-3, layerwise=True,
+                             accum_steps=k, eval_every=3, eval_generate=0, log_every=1)  # fmt: skip
+        runs.append((finetune(cfg, **QUIET), [r["loss"] for r in _records(out) if "loss" in r]))
+    (one, want), (accumulated, got) = runs
+    assert len(got) == 3
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    tokens = _tokens(one.tokenizer)
+    logits = [np.asarray(forward(run.model, tokens)) for run in (one, accumulated)]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
 def test_ggpo_noise_perturbs_only_the_adapted_base_weights(checkpoint):

@@ -318,6 +318,3 @@ def test_a_custom_loss_trains_layer_by_layer_like_the_ordinary_step():
     jax.tree.map(close, states[1].params, states[0].params)
     with pytest.raises(ValueError, match="layerwise_loss goes with layerwise=True"):
         make_train_step(graphdef, tx, layerwise_loss=layerwise_loss)
-    with pytest.raises(ValueError, match="layerwise_loss with accum_steps > 1"):
-        make_train_step(graphdef, tx, layerwise=True, layerwise_loss=layerwise_loss,
-                        accum_steps=2)  # fmt: skip
