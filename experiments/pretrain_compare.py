@@ -506,6 +506,13 @@ def run_reparam(args: argparse.Namespace, argv, size: dict, seeds: int, out: pat
     hidden = get_config(size["model"]).hidden_size
     lrs = [float(x) for x in args.reparam_lrs.split(",")] if args.reparam_lrs else REPARAM_LRS
     names = args.reparam_methods or list(REPARAM_METHODS)
+    searched = {}  # --reparam-grid-from: the rows whose seed-0 search is reused
+    if args.reparam_grid_from:
+        searched = json.loads(pathlib.Path(args.reparam_grid_from).read_text())["methods"]
+        missing = [n for n in names if "lr_grid_seed0" not in searched.get(n, {})]
+        if missing:
+            raise SystemExit(f"--reparam-grid-from {args.reparam_grid_from} has no lr search "
+                             f"of {', '.join(missing)}: run --reparam without it")  # fmt: skip
     with tempfile.TemporaryDirectory() as root:
         adamw_runs = []
         for seed in range(seeds):
@@ -529,24 +536,17 @@ def run_reparam(args: argparse.Namespace, argv, size: dict, seeds: int, out: pat
     reference = rows[REFERENCE]
     adamw_rate = float(np.mean([r["tokens_per_s"] for r in adamw_runs]))
     cfg = lambda seed: run_config(Variant(REFERENCE, REFERENCE), size, seed, tempfile.gettempdir())
-    searched = {}  # --reparam-grid-from: the rows whose seed-0 search is reused
-    if args.reparam_grid_from:
-        searched = json.loads(pathlib.Path(args.reparam_grid_from).read_text())["methods"]
-        missing = [n for n in names if "lr_grid_seed0" not in searched.get(n, {})]
-        if missing:
-            raise SystemExit(f"--reparam-grid-from {args.reparam_grid_from} has no lr search "
-                             f"of {', '.join(missing)}: run --reparam without it")  # fmt: skip
     for name in names:
         spec = reparam_spec(REPARAM_METHODS[name], args, hidden)
         grid, todo = [], [searched[name]["lr"]] if searched else sorted(lrs)
-        for extra in range(0 if searched else args.reparam_extend + 1):
+        for extra in range(1 if searched else args.reparam_extend + 1):
             for lr in todo:
                 record = pretrain_reparam.train_reparam(spec, cfg(0), lr)
                 grid.append(record)
                 log(f"seed 0 {name:24} lr {lr:g}: val loss {record['val_loss']} "
                     f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
             lr = next_lr({r["lr"]: r["val_loss"] for r in grid})
-            if lr is None or extra == args.reparam_extend:
+            if searched or lr is None or extra == args.reparam_extend:
                 break
             log(f"{name}: the best lr is at the grid's edge; adding {lr:g}")
             todo = [lr]

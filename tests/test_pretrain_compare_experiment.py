@@ -257,6 +257,18 @@ def test_pretrain_compare_reparam_rows(tmp_path):
     again = pc.main(["--peaks-only", "--out", str(out)])["methods"]
     for name, row in rows.items():
         assert again[name]["step_memory"] == row["step_memory"], name
+    # --reparam-grid-from: no search; every seed at the earlier best, its grid kept
+    out2 = tmp_path / "more_seeds.json"
+    more = pc.main(["--quick", "--reparam", "--reparam-methods", "lora", "--seeds", "2",
+                    "--reparam-grid-from", str(out), "--out", str(out2)])["methods"]  # fmt: skip
+    lora = more["lora"]
+    assert lora["lr"] == rows["lora"]["lr"] and lora["seeds"] == [0, 1]
+    assert lora["lr_grid_seed0"] == rows["lora"]["lr_grid_seed0"]
+    assert lora["runs"][0]["val_loss"] == rows["lora"]["val_loss_mean"]  # seed 0 reproduced
+    assert lora["lr_grid_from"] == rows["lora"]["command"]
+    with pytest.raises(SystemExit, match="no lr search of relora"):
+        pc.main(["--quick", "--reparam", "--reparam-methods", "relora", "--reparam-grid-from",
+                 str(out2), "--out", str(tmp_path / "x.json")])  # fmt: skip
 
 
 def test_pretrain_compare_tune_searches_each_lr_on_seed_0_then_runs_the_best(tmp_path):
