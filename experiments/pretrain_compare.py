@@ -21,8 +21,11 @@ training loss against the step, one line per method, mean over the seeds, the tr
 smoothed over :data:`SMOOTH` steps; state-memory and throughput bars), drawn by
 ``lowrank-jax plot``'s :func:`~lowrank_jax.train.plot.draw_figure`.
 
-    python experiments/pretrain_compare.py                    # the README table, 2 seeds
-                                                              # (28 runs, ~25 min on 2 CPU cores)
+    python experiments/pretrain_compare.py --tune --seeds 3 --methods adamw galore \
+        galore_adamw_8bit fira apollo apollo_mini lisa        # the README's first table: each
+                                                              # lr searched on seed 0, 3 seeds
+    python experiments/pretrain_compare.py                    # every method at its registered
+                                                              # rate, 2 seeds (28 runs, ~25 min)
     python experiments/pretrain_compare.py --seeds 3          # seeds 0, 1, 2
     python experiments/pretrain_compare.py --lr-grid 0.5,1,2  # 0.5x, 1x, 2x each default lr
     python experiments/pretrain_compare.py --ablate rank      # GaLore, rank hidden/32 .. /2
