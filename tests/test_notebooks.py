@@ -66,6 +66,15 @@ def test_every_notebook_has_a_final_check():
     assert sorted(FINAL_CHECKS) == [path.name for path in NOTEBOOKS]
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_outputs_are_stripped(path):
+    """The repository keeps notebooks without outputs: what a reader opens is what runs."""
+    cells = json.loads(path.read_text())["cells"]
+    kept = [i for i, c in enumerate(cells) if c["cell_type"] == "code"
+            and (c.get("outputs") or c.get("execution_count") is not None)]  # fmt: skip
+    assert not kept, f"{path.name}: cells {kept} keep outputs; clear them before committing"
+
+
 def _first_code_cell(path):
     cells = json.loads(path.read_text())["cells"]
     return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
