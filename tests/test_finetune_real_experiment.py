@@ -13,8 +13,8 @@ from tests.data.tiny_tokenizer import write_checkpoint_tokenizer
 from tests.models.families import randomize, tiny_config
 
 FIELDS = {
-    "method", "rank", "quantize_base", "lr", "options", "exact_match_before", "exact_match",
-    "val_loss_before", "val_loss", "trainable_params", "optimizer_state_bytes",
+    "method", "rank", "quantize_base", "loftq_iters", "lr", "options", "exact_match_before",
+    "exact_match", "val_loss_before", "val_loss", "trainable_params", "optimizer_state_bytes",
     "step_peak_bytes", "step_temp_bytes", "seconds", "wall_seconds", "train_tokens",
     "time_vs_lora",
 }  # fmt: skip
@@ -66,6 +66,7 @@ def test_quick_run_writes_a_row_per_method(checkpoint, tmp_path):
         assert row["trainable_params"] > 0 and row["optimizer_state_bytes"] > 0
     assert rows["lora"]["time_vs_lora"] == 1.0
     assert rows["qlora"]["quantize_base"] == "nf4" and rows["qlora"]["method"] == "lora"
+    assert rows["qlora"]["loftq_iters"] == 0  # plain QLoRA (qlora_loftq: LOFTQ_ITERS)
     # Same base model, same held-out split: every method starts from the same loss (QLoRA from
     # the NF4-rounded base, close to it).
     base = rows["adamw"]["val_loss_before"]
