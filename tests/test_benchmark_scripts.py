@@ -97,3 +97,21 @@ def test_lora_step_benchmark_times_the_three_programs(tmp_path):
     assert results["base_fwd_bwd"]["tokens_per_s_vs_base_fwd_bwd"] == 1.0
     assert all(len(r["seconds"]) == 2 and r["tokens_per_s"] > 0 for r in results.values())
     assert record["command"].startswith("python benchmarks/lora_step.py --tiny")
+
+
+def test_svd_basis_benchmark_times_both_refreshes_and_compares_the_bases(tmp_path):
+    out = tmp_path / "svd.json"
+    result = _load("svd_basis").main(
+        ["--model", "llama_tiny", "--repeats", "2", "--accuracy-steps", "0",
+         "--run-dir", str(tmp_path / "run"), "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    rows = result["timing"]["shapes"]
+    assert set(rows) == {"128x128", "128x344", "344x128"}
+    assert {r["side"] for r in rows.values()} == {"in", "out"}
+    assert all(r["svd_ms"] > 0 and r["gram_ms"] > 0 for r in rows.values())
+    assert set(result["whole_refresh"]["ratio_to_svd"]) == {"lapack_svd", "svd", "randomized",
+                                                            "random"}
+    # the default job's gradients at step 0: same kept energy, same well-separated vectors
+    (first,) = result["accuracy"]["checkpoints"]
+    assert first["step"] == 0 and first["captured"] < 1e-5 and first["separated"] < 1e-3
