@@ -209,11 +209,15 @@ class Llama(nnx.Module):
 
     def output_logits(self, x: jax.Array) -> jax.Array:
         """The final norm and the LM head (or the tied embedding), soft-capped if configured."""
-        # on the tokens as one matrix, as Linear does (the head's gradient is the largest GEMM)
+        # on the tokens as one matrix (the head's gradient is the largest GEMM): the Linear head
+        # flattens them itself, so a module wrapping it (X-LoRA's hidden-state tap) sees the
+        # [batch, seq, hidden] input
         x = self.final_norm(x)
-        tokens = x.reshape(-1, x.shape[-1])
-        logits = self.embed.attend(tokens) if self.config.tie_embeddings else self.lm_head(tokens)
-        logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+        if self.config.tie_embeddings:
+            logits = self.embed.attend(x.reshape(-1, x.shape[-1]))
+            logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+        else:
+            logits = self.lm_head(x)
         return _softcap(logits, self.config.final_softcap)
 
     def _rope(self, positions: jax.Array, local: bool) -> tuple[jax.Array, jax.Array]:

@@ -273,3 +273,21 @@ def test_bad_inputs_name_the_problem():
         R.wrap_experts(net(2), R.xlora(3), experts=experts, targets=r"layers/|lm_head")
     with pytest.raises(ValueError, match="no layer index < 2"):
         R.wrap_experts(net(4), R.mola(experts=(2, 4)), targets=r"layers/", rngs=nnx.Rngs(0))
+
+
+def test_xlora_on_the_library_llama_sees_batch_and_sequence_axes():
+    """Our Llama's head takes the [batch, seq, hidden] state (its Linear flattens the tokens
+    itself), so X-LoRA's hidden-state tap gives per-token scalings of the right shape. Fails
+    when the model flattens before the head: the scalings come out [batch*seq, ...] and do not
+    broadcast against the routed layers' [batch, seq, ...] inputs."""
+    from lowrank_jax.models import Llama, get_config
+
+    config = get_config("llama_tiny", vocab_size=61, hidden_size=16, intermediate_size=32,
+                        num_heads=2, num_kv_heads=2, num_layers=2)  # fmt: skip
+    base = Llama(config, rngs=nnx.Rngs(0))
+    wrapped = R.wrap_experts(base, R.xlora(2), targets=r"attn/(q|v)_proj", rngs=nnx.Rngs(1))
+    model = R.XLoRA(wrapped, hidden_size=16, rngs=nnx.Rngs(2))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 9)), jnp.int32)
+    assert model.hidden(tokens).shape == (2, 9, 16)
+    logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+    assert logits.shape == (2, 9, 61) and bool(jnp.all(jnp.isfinite(logits)))
