@@ -45,7 +45,6 @@ __all__ = [
     "random_basis",
     "randomized_svd",
     "svd_basis",
-    "top_singular_vectors",
 ]
 
 Side = Literal["in", "out", "both"]
@@ -179,7 +178,7 @@ def svd_basis(g: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     Returns ``(U[..., :, :rank], V[..., :, :rank])``: ``U`` spans the in axis, ``V`` the out axis.
     An exact SVD (LAPACK ``gesdd`` on CPUs, cuSOLVER on GPUs); on TPUs the eigenvectors of the
     smaller Gram matrix (:func:`_gram_svd`), because XLA's TPU SVD takes minutes to compile per
-    matrix shape. A projector of one side uses :func:`top_singular_vectors` (cheaper).
+    matrix shape.
     """
 
     def lapack(m: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -189,36 +188,6 @@ def svd_basis(g: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     return jax.lax.platform_dependent(
         g.astype(jnp.float32), tpu=lambda m: _gram_svd(m, rank), default=lapack
     )
-
-
-def top_singular_vectors(g: jax.Array, rank: int, axis: Literal["in", "out"]) -> jax.Array:
-    """Top-``rank`` singular vectors of ``g: (..., in, out)`` along one axis, in float32.
-
-    ``axis="in"`` gives ``U[..., :, :rank]``, ``"out"`` gives ``V[..., :, :rank]``. When that
-    axis is the shorter one (GaLore's ``std`` side, the default), they are the top eigenvectors
-    of the Gram matrix ``A Aᵀ`` (``A = G`` or ``Gᵀ``): one matmul and one symmetric
-    eigendecomposition of ``min(in, out)`` square. On a CPU a whole refresh of ``llama_20m``
-    (``llama_60m``) takes 0.28x (0.38x) the time of one with LAPACK's SVD of every matrix;
-    per matrix 0.54-0.62x for square ones, 0.28-0.43x for rectangular ones
-    (``python benchmarks/svd_basis.py [--model llama_60m]``).
-
-    They differ from the SVD's vectors by float32 round-off, amplified by ``σ₁ / σᵢ`` for the
-    vectors of small singular values (squaring the matrix squares its spread). On the default
-    job's gradients the bases keep the same gradient norm to 6e-7 and the vectors whose
-    singular values are apart by over 1% of ``σ₁`` differ by at most 5e-5 (the SVD's own
-    vectors move by 4e-6 when the gradient is perturbed by one float32 rounding); a vector of
-    a singular value nearly tied with a neighbour is not determined by float32 data in either
-    method. Along the longer axis the Gram matrix would be the larger one, and
-    :func:`svd_basis` is used.
-    """
-    g = g.astype(jnp.float32)
-    n_in, n_out = g.shape[-2:]
-    if (n_in if axis == "in" else n_out) > min(n_in, n_out):
-        u, v = svd_basis(g, rank)
-        return u if axis == "in" else v
-    a = g if axis == "in" else _t(g)
-    _, vectors = _eigh(a @ _t(a))  # ascending
-    return vectors[..., ::-1][..., :rank]
 
 
 def _lu_normalize(y: jax.Array) -> jax.Array:
@@ -301,9 +270,7 @@ def compute_projector(
       g: the gradient (any float dtype; upcast to float32 for the decomposition).
       side: ``"in"``, ``"out"`` or ``"both"`` (see :func:`choose_side`).
       rank: number of basis vectors kept (``<= min(in, out)``).
-      basis: ``"svd"`` (the top singular vectors: :func:`top_singular_vectors` for one side,
-        :func:`svd_basis` for both), ``"randomized"`` (range finder) or ``"random"``
-        (Gaussian, QR).
+      basis: ``"svd"`` (exact), ``"randomized"`` (range finder) or ``"random"`` (Gaussian, QR).
       key: PRNG key for ``"randomized"`` and ``"random"``.
       dtype: dtype of the stored bases (default: ``g.dtype``, as galore-torch does).
 
@@ -323,12 +290,7 @@ def _bases(
     g: jax.Array, side: Side, rank: int, basis: str, key: jax.Array | None
 ) -> tuple[jax.Array | None, jax.Array | None]:
     if basis == "svd":
-        if side == "both":
-            u, v = svd_basis(g, rank)
-        elif side == "in":
-            u, v = top_singular_vectors(g, rank, "in"), None
-        else:
-            u, v = None, top_singular_vectors(g, rank, "out")
+        u, v = svd_basis(g, rank)
     elif basis == "randomized":
         # run the range finder along the compressed axis (the more accurate factor)
         if side == "out":

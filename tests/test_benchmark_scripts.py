@@ -99,7 +99,7 @@ def test_lora_step_benchmark_times_the_three_programs(tmp_path):
     assert record["command"].startswith("python benchmarks/lora_step.py --tiny")
 
 
-def test_svd_basis_benchmark_times_both_refreshes_and_compares_the_bases(tmp_path):
+def test_svd_basis_benchmark_times_both_routes_and_checks_them_against_float64(tmp_path):
     out = tmp_path / "svd.json"
     result = _load("svd_basis").main(
         ["--model", "llama_tiny", "--repeats", "2", "--accuracy-steps", "0",
@@ -110,8 +110,10 @@ def test_svd_basis_benchmark_times_both_refreshes_and_compares_the_bases(tmp_pat
     assert set(rows) == {"128x128", "128x344", "344x128"}
     assert {r["side"] for r in rows.values()} == {"in", "out"}
     assert all(r["svd_ms"] > 0 and r["gram_ms"] > 0 for r in rows.values())
-    assert set(result["whole_refresh"]["ratio_to_svd"]) == {"lapack_svd", "svd", "randomized",
-                                                            "random"}
-    # the default job's gradients at step 0: same kept energy, same well-separated vectors
+    assert set(result["whole_refresh"]["ratio_to_svd"]) == {"gram", "svd", "randomized", "random"}
+    # the default job's gradients at step 0, against a float64 SVD: LAPACK's float32 basis is
+    # right, the Gram matrix's loses the vectors of small singular values (why svd stays)
     (first,) = result["accuracy"]["checkpoints"]
-    assert first["step"] == 0 and first["captured"] < 1e-5 and first["separated"] < 1e-3
+    assert first["step"] == 0
+    assert first["svd_top16"]["max"] < 1e-2 and first["svd_top48"]["median"] < 1e-2
+    assert first["gram_top64"]["median"] > 0.1 > 10 * first["svd_top64"]["median"]

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,48 +71,3 @@ def test_random_basis_needs_no_gradient_values():
     proj = projection.compute_projector(jnp.zeros((12, 9)), "in", 4, "random", jax.random.key(2))
     np.testing.assert_allclose(proj.in_basis.T @ proj.in_basis, np.eye(4), atol=1e-5)
     assert proj.out_basis is None
-
-
-def _separated(shape, seed, batch=()):
-    """A matrix with singular values 1, 0.9, 0.81, ... (well apart) and random vectors."""
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    n = min(shape)
-    q1, _ = jnp.linalg.qr(jax.random.normal(k1, (*batch, shape[0], n)))
-    q2, _ = jnp.linalg.qr(jax.random.normal(k2, (*batch, shape[1], n)))
-    return (q1 * (0.9 ** jnp.arange(n))) @ jnp.swapaxes(q2, -1, -2)
-
-
-@pytest.mark.parametrize("shape", [(24, 56), (56, 24), (32, 32)])
-@pytest.mark.parametrize("axis", ["in", "out"])
-def test_top_singular_vectors_match_the_svd(shape, axis):
-    g = _separated(shape, 0, batch=(3,))
-    u, v = projection.svd_basis(g, 6)
-    exact = u if axis == "in" else v
-    ours = projection.top_singular_vectors(g, 6, axis)
-    assert ours.shape == exact.shape == (3, shape[0 if axis == "in" else 1], 6)
-    np.testing.assert_allclose(projection.canonical_signs(ours),
-                               projection.canonical_signs(exact), atol=2e-5)
-
-
-def test_the_shorter_axis_decomposes_the_gram_matrix_not_the_gradient():
-    """GaLore's default side: one eigh of min(in, out) square and no SVD in the program; the
-    longer axis (and both axes) still take the SVD."""
-    def primitives(side, shape):
-        g = jnp.zeros(shape)
-        jaxpr = jax.make_jaxpr(lambda g: projection.compute_projector(g, side, 4, "svd"))(g)
-        return str(jaxpr)
-
-    wide = (16, 40)  # in is the shorter axis
-    assert "eigh" in primitives("in", wide) and "svd" not in primitives("in", wide)
-    assert "svd" not in primitives("out", wide[::-1])
-    assert "svd" in primitives("out", wide) and "svd" in primitives("both", wide)
-
-
-def test_top_singular_vectors_stay_orthonormal_on_rank_deficient_gradients():
-    # rank 2 (and zero) gradients with rank 5 asked: the extra columns still complete an
-    # orthonormal basis, as the SVD's do
-    g = jax.random.normal(jax.random.key(1), (20, 2)) @ jax.random.normal(jax.random.key(2),
-                                                                          (2, 30))
-    for m in (g, jnp.zeros_like(g)):
-        b = projection.top_singular_vectors(m, 5, "in")
-        np.testing.assert_allclose(b.T @ b, np.eye(5), atol=2e-5)

@@ -80,12 +80,8 @@ def galore(
         axis of a square matrix), ``"reverse_std"``, ``"right"`` (in), ``"left"`` (out) or
         ``"full"`` (both). Defined on the in/out axes, so a Flax ``(in, out)`` kernel gives the
         same result as galore-torch on the ``(out, in)`` weight.
-      basis: ``"svd"`` (the top singular vectors in float32; along the shorter axis, the
-        default side, they come from the smaller Gram matrix, agreeing with LAPACK's SVD to
-        float32 round-off in 0.3-0.4x its time on a CPU; see
-        :func:`~lowrank_jax.projection.top_singular_vectors`), ``"randomized"`` (range
-        finder; matmuls only, shards well, much cheaper) or ``"random"`` (seeded orthonormal
-        Gaussian, no decomposition).
+      basis: ``"svd"`` (exact, float32), ``"randomized"`` (range finder; matmuls only, shards
+        well, much cheaper) or ``"random"`` (seeded orthonormal Gaussian, no decomposition).
       targets: which leaves are projected; default every float ``ndim >= 2`` leaf that is not an
         embedding, head, norm or bias (:mod:`lowrank_jax.targets`).
       dims: :class:`~lowrank_jax.MatrixDims` per leaf; other axes are batch axes (one projector
