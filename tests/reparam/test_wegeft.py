@@ -83,7 +83,13 @@ def test_weighted_merge_unmerge_round_trip(weight, seed):
     merged, record = R.merge(params, adapters, weights=[weight])
     want = params["w"] + weight * (R.apply(params, adapters)["w"] - params["w"])
     np.testing.assert_allclose(merged["w"], want, atol=2e-6)
-    np.testing.assert_allclose(R.unmerge(merged, adapters, record)["w"], params["w"], atol=1e-5)
+    # Unmerge inverts W -> (I + w P_out P_in) W: float32 round-off in the merged weight grows by
+    # that map's condition number (CI's hypothesis run drew weight=1.8125, seed=63630: cond 620,
+    # error 2.8e-5), so the tolerance scales with it.
+    v, u = (np.asarray(adapters.trainable["w"][k], np.float64) for k in ("P_in", "P_out"))
+    cond = float(np.max(np.linalg.cond(np.eye(v.shape[-2]) + weight * (v @ u))))
+    atol = 1e-5 + 1e-7 * cond * float(np.max(np.abs(params["w"])))
+    np.testing.assert_allclose(R.unmerge(merged, adapters, record)["w"], params["w"], atol=atol)
 
 
 def test_two_weight_dependent_adapters_unmerge_needs_one_at_a_time(key):
